@@ -1,0 +1,5 @@
+import sys
+
+from tunneld.cli import main
+
+sys.exit(main())
