@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunneld.errors import UapiError, UapiProtocolError
+from tunneld.keys import public_key as public_key_of
 from tunneld.wireguard.model import DeviceConfig, DeviceStats, Endpoint, PeerConfig
 from tunneld.wireguard.uapi import (
     ReplyReader,
@@ -456,7 +457,9 @@ def test_bad_errno_is_a_protocol_error(pairs: list[tuple[str, str]], message: st
 
 def test_parse_realistic_get_reply() -> None:
     stats = parse_get_reply(one_reply(REALISTIC_GET_REPLY))
-    assert stats.public_key is None  # never derived from the private key
+    # Derived from the private key, which itself is not kept.
+    assert stats.public_key == public_key_of(PRIVATE)
+    assert PRIVATE not in repr(stats).encode()
     assert (stats.listen_port, stats.fwmark) == (52001, 5)
     assert [peer.public_key for peer in stats.peers] == [PEER_A, PEER_B]
 

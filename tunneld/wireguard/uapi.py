@@ -24,9 +24,9 @@ Decisions a reader might otherwise have to guess:
 * Unknown keys in a reply are skipped (forward compatibility); a malformed known key is an error.
 * An IPv6 endpoint's ``%zone`` is dropped: ``Endpoint`` has no zone, and wireguard-go itself drops
   it (``[fe80::1%lo]:51820`` is read back as ``[fe80::1]:51820``).
-* The reply's ``private_key`` is checked for well-formedness and then dropped; nothing is derived
-  from it, so ``DeviceStats.public_key`` is ``None`` here. Error messages never quote the value of
-  a ``private_key`` or ``preshared_key`` line, nor anything else that could be key material.
+* The reply's ``private_key`` is reduced to its public key at once (as ``wg show`` does) and
+  dropped. Error messages never quote the value of a ``private_key`` or ``preshared_key`` line,
+  nor anything else that could be key material.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from tunneld.errors import UapiError, UapiProtocolError
+from tunneld.keys import public_key as public_key_of
 from tunneld.wireguard.model import (
     KEY_LEN,
     DeviceConfig,
@@ -293,6 +294,7 @@ def parse_get_reply(pairs: list[tuple[str, str]]) -> DeviceStats:
     device_seen: set[str] = set()
     peers: list[_PeerBuilder] = []
     public_keys: set[bytes] = set()
+    device_public_key: bytes | None = None
     for key, value in pairs[:-1]:
         if key == "public_key":
             public_key = _parse_key(key, value)
@@ -307,7 +309,7 @@ def parse_get_reply(pairs: list[tuple[str, str]]) -> DeviceStats:
                 raise UapiProtocolError(f"UAPI get reply repeats device attribute {key}")
             device_seen.add(key)
             if key == "private_key":
-                _parse_key(key, value)  # checked for shape, then dropped on purpose
+                device_public_key = public_key_of(_parse_key(key, value))
             elif key == "listen_port":
                 listen_port = _parse_unsigned(key, value, _UINT16_MAX)
             else:
@@ -320,7 +322,7 @@ def parse_get_reply(pairs: list[tuple[str, str]]) -> DeviceStats:
             peers[-1].apply(key, value)
         # Any other key is from a newer protocol revision: skipped.
     return DeviceStats(
-        public_key=None,
+        public_key=device_public_key,
         listen_port=listen_port,
         fwmark=fwmark,
         peers=tuple(peer.build() for peer in peers),
