@@ -7,6 +7,8 @@ deal with one family. Every error a user can cause says what to do about it.
 
 from __future__ import annotations
 
+import trio
+
 
 class TunneldError(Exception):
     """Base of every error tunneld raises on purpose."""
@@ -58,3 +60,24 @@ class UapiError(BackendError):
 
 class UapiProtocolError(BackendError):
     """The UAPI peer sent something that is not the UAPI text protocol."""
+
+
+def principal_error(exc: BaseException) -> TunneldError | None:
+    """The TunneldError that ``exc`` stands for, looking through trio's exception groups.
+
+    A group counts when every exception in it is a TunneldError or a cancellation caused by one
+    (sibling tasks being torn down); the first TunneldError is the one to report.
+    """
+    if isinstance(exc, TunneldError):
+        return exc
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    found: TunneldError | None = None
+    for inner in exc.exceptions:
+        if isinstance(inner, trio.Cancelled):
+            continue
+        error = principal_error(inner)
+        if error is None:
+            return None
+        found = found or error
+    return found

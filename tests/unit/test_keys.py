@@ -9,6 +9,7 @@ import secrets
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -289,11 +290,28 @@ def test_permission_denied_is_explained(tmp_path: Path, monkeypatch: pytest.Monk
         keys.load_key_file(path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of their mode")
 def test_unreadable_file_for_real(tmp_path: Path) -> None:
     path = write_file(tmp_path / "private.key", SECRET_TEXT, 0o000)
-    with pytest.raises(KeyFileError, match="permission denied"):
-        keys.load_key_file(path)
+    if os.geteuid() != 0:
+        with pytest.raises(KeyFileError, match="permission denied"):
+            keys.load_key_file(path)
+        return
+    # Root reads any file; without the DAC capabilities it is held to the mode like anyone.
+    script = (
+        "import pathlib, sys\n"
+        "from tunneld import keys\n"
+        "from tunneld.errors import KeyFileError\n"
+        "try:\n"
+        f"    keys.load_key_file(pathlib.Path({str(path)!r}))\n"
+        "except KeyFileError as exc:\n"
+        "    print(exc)\n"
+    )
+    drop = "-dac_override,-dac_read_search"
+    result = subprocess.run(
+        ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert "permission denied" in result.stdout
 
 
 # --- creating key files -----------------------------------------------------------------------

@@ -1,0 +1,221 @@
+"""Command line: ``main(argv) -> exit code``.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error (bad config, bad key file,
+missing privilege or WireGuard implementation — things a person must fix before a retry helps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tunneld import __version__, daemon, keys, logs
+from tunneld.config import Config, load_config, render_config
+from tunneld.errors import principal_error
+from tunneld.tunnel import Tunnel, load_tunnel_keys
+from tunneld.wireguard.device import delete_device, existing_device, open_device
+from tunneld.wireguard.model import DeviceStats
+
+log = logging.getLogger("tunneld")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunneld", description="WireGuard secure-tunnel connector for private services."
+    )
+    parser.add_argument("--version", action="version", version=f"tunneld {__version__}")
+    parser.add_argument(
+        "--log-level", choices=logs.LEVELS, help="default: $TUNNELD_LOG_LEVEL or info"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            help="config file (default: $TUNNELD_CONFIG, else /etc/tunneld/tunneld.toml if it "
+            "exists, else TUNNELD_* variables alone)",
+        )
+        return sub
+
+    with_config("run", "run in the foreground: bring the tunnel up, keep it, tear down on SIGTERM")
+    with_config("up", "bring the interface up and exit, leaving it configured (for debugging)")
+    down = with_config("down", "remove the interface and everything on it")
+    down.add_argument("-i", "--interface", help="interface name (default: from the config)")
+    status = with_config("status", "show the interface, public key and each gateway peer")
+    status.add_argument("-i", "--interface", help="interface name (default: from the config)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    with_config("check-config", "validate the config and print it as tunneld sees it")
+    commands.add_parser("genkey", help="print a new private key (like `wg genkey`)")
+    commands.add_parser("pubkey", help="read a private key on stdin, print its public key")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help/--version exit 0, usage errors exit 2
+        return int(exc.code or 0)
+    logs.configure(args.log_level)
+    handler = _COMMANDS[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except Exception as exc:
+        error = principal_error(exc)
+        if error is None:
+            raise  # a bug: let the traceback show
+        log.error("%s", error)
+        return error.exit_code
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    trio.run(daemon.run, config)
+    return EXIT_OK
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    config = _load(args)
+    daemon.require_net_admin()
+    tunnel = Tunnel(config, load_tunnel_keys(config, create_missing=True))
+
+    async def up() -> None:
+        interface = config.interface
+        async with open_device(
+            interface.name, interface.backend, interface.userspace_binary, detach=True
+        ) as device:
+            await tunnel.bring_up(device)
+
+    trio.run(up)
+    return EXIT_OK
+
+
+def _interface_name(args: argparse.Namespace) -> tuple[str, Config | None]:
+    if args.interface:
+        return args.interface, None
+    config = _load(args)
+    return config.interface.name, config
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    ifname, _ = _interface_name(args)
+    daemon.require_net_admin()
+    removed = trio.run(delete_device, ifname)
+    print(f"{ifname}: removed" if removed else f"{ifname}: not present")
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    ifname, config = _interface_name(args)
+
+    async def read() -> tuple[str, DeviceStats] | None:
+        device = await existing_device(ifname)
+        return None if device is None else (device.backend_name, await device.stats())
+
+    found = trio.run(read)
+    if found is None:
+        print(f"{ifname}: no such interface", file=sys.stderr)
+        return EXIT_FAILURE
+    backend, stats = found
+    names = {gateway.public_key: gateway.name for gateway in config.gateways} if config else {}
+    report = status_report(ifname, backend, stats, names, now=time.time())
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return EXIT_OK
+
+
+def status_report(
+    ifname: str, backend: str, stats: DeviceStats, names: dict[bytes, str], *, now: float
+) -> dict[str, Any]:
+    """The status of a device as plain JSON-able data (also the shape of ``--json``)."""
+    peers = []
+    for peer in stats.peers:
+        handshake = peer.last_handshake_unix_seconds
+        peers.append(
+            {
+                "name": names.get(peer.public_key),
+                "public_key": keys.encode_key(peer.public_key),
+                "endpoint": str(peer.endpoint) if peer.endpoint else None,
+                "last_handshake_unix_seconds": handshake,
+                "handshake_age_seconds": None if handshake is None else max(0.0, now - handshake),
+                "receive_bytes": peer.receive_bytes,
+                "transmit_bytes": peer.transmit_bytes,
+                "persistent_keepalive_seconds": peer.persistent_keepalive_seconds,
+                "allowed_ips": [str(network) for network in peer.allowed_ips],
+            }
+        )
+    return {
+        "interface": ifname,
+        "backend": backend,
+        "public_key": keys.encode_key(stats.public_key) if stats.public_key else None,
+        "listen_port": stats.listen_port,
+        "peers": peers,
+    }
+
+
+def format_status(report: dict[str, Any]) -> str:
+    lines = [
+        f"interface: {report['interface']} ({report['backend']} backend)",
+        f"  public key: {report['public_key'] or '(none)'}",
+        f"  listening port: {report['listen_port']}",
+    ]
+    for peer in report["peers"]:
+        age = peer["handshake_age_seconds"]
+        lines += [
+            "",
+            f"peer: {peer['name'] or '(not in config)'} {peer['public_key']}",
+            f"  endpoint: {peer['endpoint'] or '(none)'}",
+            f"  latest handshake: {'never' if age is None else f'{age:.0f}s ago'}",
+            f"  transfer: {peer['receive_bytes']} B received, {peer['transmit_bytes']} B sent",
+            f"  allowed ips: {', '.join(peer['allowed_ips']) or '(none)'}",
+        ]
+    return "\n".join(lines)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(render_config(config), end="")
+    return EXIT_OK
+
+
+def _cmd_genkey(args: argparse.Namespace) -> int:
+    print(keys.encode_key(keys.generate_private_key()))
+    return EXIT_OK
+
+
+def _cmd_pubkey(args: argparse.Namespace) -> int:
+    try:
+        private_key = keys.decode_key(sys.stdin.read(), what="private key")
+    except ValueError as exc:
+        print(f"tunneld pubkey: standard input: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(keys.encode_key(keys.public_key(private_key)))
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "run": _cmd_run,
+    "up": _cmd_up,
+    "down": _cmd_down,
+    "status": _cmd_status,
+    "check-config": _cmd_check_config,
+    "genkey": _cmd_genkey,
+    "pubkey": _cmd_pubkey,
+}

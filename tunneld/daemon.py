@@ -1,0 +1,72 @@
+"""The daemon: the one place that knows every part and wires them in one nursery.
+
+Start-up order is explicit: privileges and keys are checked before anything touches the network,
+signal handling is installed before the tunnel starts (so a SIGTERM during bring-up still tears
+down), and ``run`` returns only after the tunnel's teardown has finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import trio
+
+from tunneld import keys
+from tunneld.config import Config
+from tunneld.errors import PermissionError_
+from tunneld.tunnel import Tunnel, load_tunnel_keys
+
+log = logging.getLogger(__name__)
+
+_CAP_NET_ADMIN = 12
+
+
+def has_net_admin(status_path: Path = Path("/proc/self/status")) -> bool:
+    """Whether this process holds CAP_NET_ADMIN in its effective set."""
+    try:
+        for line in status_path.read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> _CAP_NET_ADMIN & 1)
+    except OSError:
+        pass
+    return False
+
+
+def require_net_admin() -> None:
+    if not has_net_admin():
+        raise PermissionError_(
+            "tunneld needs CAP_NET_ADMIN to create and configure the WireGuard interface: run it "
+            "as root, or grant the capability (systemd: AmbientCapabilities=CAP_NET_ADMIN; "
+            "docker: --cap-add NET_ADMIN)"
+        )
+
+
+async def _stop_on_signal(
+    cancel_scope: trio.CancelScope, task_status: trio.TaskStatus[None]
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            cancel_scope.cancel()
+            return
+
+
+async def run(config: Config) -> None:
+    """Run tunneld in the foreground until SIGTERM/SIGINT; tear down before returning."""
+    require_net_admin()
+    tunnel_keys = await trio.to_thread.run_sync(
+        lambda: load_tunnel_keys(config, create_missing=True)
+    )
+    log.info(
+        "tunneld starting: interface %s, public key %s",
+        config.interface.name,
+        keys.encode_key(keys.public_key(tunnel_keys.private_key)),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_stop_on_signal, nursery.cancel_scope)
+        await nursery.start(Tunnel(config, tunnel_keys).run)
+        log.info("tunneld is running")
+    log.info("tunneld stopped")
