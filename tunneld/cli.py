@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         error = principal_error(exc)
         if error is None:
             raise  # a bug: let the traceback show
-        log.error("%s", error)
+        for line in str(error).splitlines():  # a ConfigError lists every problem, one per line
+            log.error("%s", line)
         return error.exit_code
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +42,18 @@ def test_handshake_reachability_and_status(topology: Topology) -> None:
     status = topology.status()
     assert status["backend"] == "userspace"
     assert status["public_key"] == topology.host_public_key
+
+    # The private key is in no log line (debug level!), argv or child environment.
+    private_b64 = topology.key_file.read_text().strip()
+    private_hex = base64.b64decode(private_b64).hex()
+    exposed = topology.daemon_log()
+    for pid in run("ip", "netns", "pids", topology.host_ns).split():
+        proc = Path("/proc") / pid
+        exposed += (proc / "cmdline").read_bytes().decode(errors="replace")
+        exposed += (proc / "environ").read_bytes().decode(errors="replace")
+    assert "wireguard-go" in exposed
+    assert private_b64 not in exposed
+    assert private_hex not in exposed
 
     # Routes: only the gateway's allowed IPs, via our interface; never a default route.
     routes = topology.host_routes()

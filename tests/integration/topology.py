@@ -13,6 +13,7 @@ fixture calls it in a ``finally``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -75,7 +76,8 @@ class Topology:
         for ns in (self.gateway_ns, self.host_ns):
             run("ip", "netns", "add", ns)
             run("ip", "-n", ns, "link", "set", "lo", "up")
-        # `ip netns exec` bind-mounts this over /etc/hosts: lets tests change what a name resolves to.
+        # `ip netns exec` bind-mounts this over /etc/hosts, so tests can change what a name
+        # resolves to.
         self.hosts_file.parent.mkdir(parents=True, exist_ok=True)
         self.hosts_file.write_text("127.0.0.1 localhost\n")
         run(
@@ -256,10 +258,8 @@ class Topology:
             # Anything still running inside (a wireguard-go that daemonized itself) goes first.
             pids = run("ip", "netns", "pids", ns, check=False).split()
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             run("ip", "netns", "del", ns, check=False)
         shutil.rmtree(self.hosts_file.parent, ignore_errors=True)
         for ifname in (self.gateway_ifname, self.host_ifname):

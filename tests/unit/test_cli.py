@@ -1,0 +1,132 @@
+"""The CLI is a function: call ``main(argv)`` and look at the exit code and output."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tunneld import __version__, keys
+from tunneld.cli import main
+
+GATEWAY_PUBLIC = keys.encode_key(keys.public_key(keys.generate_private_key()))
+
+
+def write_config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "tunneld.toml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+VALID = f"""\
+    [interface]
+    name = "tunneld0"
+    private_key_file = "private.key"
+    address = ["10.44.0.2/24"]
+
+    [[gateway]]
+    name = "edge-1"
+    public_key = "{GATEWAY_PUBLIC}"
+    endpoints = ["gw.example.net:51820"]
+    allowed_ips = ["10.44.0.1/32"]
+    """
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"tunneld {__version__}"
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["no-such-command"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_genkey_then_pubkey_round_trip(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["genkey"]) == 0
+    private = capsys.readouterr().out
+    assert len(private) == 45 and private.endswith("\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO(private))
+    assert main(["pubkey"]) == 0
+    public = capsys.readouterr().out
+    assert public == keys.encode_key(keys.public_key(keys.decode_key(private))) + "\n"
+
+
+def test_pubkey_matches_wg_byte_for_byte(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("wg") is None:
+        pytest.fail("wg (wireguard-tools) is needed for the interop test; run scripts/bootstrap")
+    private = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True).stdout
+    expected = subprocess.run(
+        ["wg", "pubkey"], input=private, capture_output=True, text=True, check=True
+    ).stdout
+    monkeypatch.setattr("sys.stdin", io.StringIO(private))
+    assert main(["pubkey"]) == 0
+    assert capsys.readouterr().out == expected
+
+
+def test_pubkey_refuses_garbage_without_echoing_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("c2VjcmV0LXNob3J0\n"))
+    assert main(["pubkey"]) == 2
+    err = capsys.readouterr().err
+    assert "not a WireGuard key" in err
+    assert "c2VjcmV0LXNob3J0" not in err
+
+
+def test_check_config_prints_the_effective_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, VALID)
+    assert main(["check-config", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert 'name = "tunneld0"' in out
+    assert GATEWAY_PUBLIC in out
+    assert str(tmp_path / "private.key") in out
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "expected"),
+    [
+        ('name = "tunneld0"', 'name = "a-very-long-interface-name"', "interface.name"),
+        ('"gw.example.net:51820"', '"gw.example.net"', "gateway[0].endpoints[0]"),
+        ('"10.44.0.2/24"', '"10.44.0.2"', "interface.address[0]"),
+        ("allowed_ips", "allowed_ip", 'did you mean "allowed_ips"'),
+        ('address = ["10.44.0.2/24"]', 'address = "10.44.0.2/24"', "interface.address"),
+        ("[[gateway]]", "[[gateway]", "tunneld.toml"),
+    ],
+    ids=["long-ifname", "endpoint-without-port", "address-without-prefix", "typo", "wrong-type",
+         "malformed-toml"],
+)  # fmt: skip
+def test_check_config_rejects_bad_input_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], replace: str, by: str, expected: str
+) -> None:
+    path = write_config(tmp_path, VALID.replace(replace, by))
+    assert main(["check-config", "-c", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert expected in captured.err
+    assert "tunneld.toml" in captured.err
+
+
+def test_duplicate_gateway_keys_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    second = VALID[VALID.index("    [[gateway]]") :].replace("edge-1", "edge-2")
+    second = second.replace("10.44.0.1/32", "10.44.0.3/32")
+    path = write_config(tmp_path, VALID + "\n" + second)
+    assert main(["check-config", "-c", str(path)]) == 2
+    assert "public_key" in capsys.readouterr().err
+
+
+def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "-c", str(tmp_path / "absent.toml")]) == 2
+    assert "absent.toml" in capsys.readouterr().err

@@ -1,0 +1,166 @@
+"""Tunnel logic without I/O: a fake device, a fake resolver, trio's autojump clock."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from tunneld import keys, tunnel
+from tunneld.config import Config, HostPort, load_config
+from tunneld.errors import KeyFileError
+from tunneld.tunnel import ResolveError, Tunnel, TunnelKeys, load_tunnel_keys
+from tunneld.wireguard.model import DeviceConfig, DeviceStats, Endpoint, PeerStats
+
+GATEWAY_PUBLIC = keys.public_key(keys.generate_private_key())
+
+
+def make_config(
+    tmp_path: Path, *, extra_interface: str = "", environ: dict[str, str] | None = None
+) -> Config:
+    path = tmp_path / "tunneld.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            [interface]
+            name = "tdunit0"
+            address = ["10.44.0.2/24", "fd44::2/64"]
+            {extra_interface}
+
+            [[gateway]]
+            name = "edge-1"
+            public_key = "{keys.encode_key(GATEWAY_PUBLIC)}"
+            endpoints = ["gw1.example.net:51820", "198.18.0.9:51820"]
+            allowed_ips = ["10.44.0.1/32", "10.45.0.0/24"]
+            """
+        )
+    )
+    return load_config(path, environ or {})
+
+
+class FakeDevice:
+    backend_name = "fake"
+    ifname = "tdunit0"
+
+    def __init__(self) -> None:
+        self.applied: list[DeviceConfig] = []
+        self.handshake: float | None = None
+
+    async def configure(self, config: DeviceConfig) -> None:
+        self.applied.append(config)
+
+    async def stats(self) -> DeviceStats:
+        return DeviceStats(
+            peers=(PeerStats(GATEWAY_PUBLIC, last_handshake_unix_seconds=self.handshake),)
+        )
+
+
+def test_link_plan_routes_only_what_the_addresses_do_not_cover(tmp_path: Path) -> None:
+    t = Tunnel(make_config(tmp_path), TunnelKeys(keys.generate_private_key()))
+    plan = t.link_plan()
+    # 10.44.0.1/32 is on-link through 10.44.0.2/24; 10.45.0.0/24 needs a route.
+    assert plan.routes == (ipaddress.ip_network("10.45.0.0/24"),)
+    assert plan.mtu == 1420
+
+
+async def test_first_resolvable_endpoint_wins_and_names_are_retried_with_backoff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    dns_up = False
+    calls: list[str] = []
+
+    async def fake_resolve(endpoint: HostPort) -> Endpoint:
+        calls.append(endpoint.host)
+        if endpoint.host == "gw1.example.net" and dns_up:
+            return Endpoint(ipaddress.ip_address("198.18.0.1"), endpoint.port)
+        if endpoint.host == "gw1.example.net":
+            raise ResolveError(f"{endpoint}: not known")
+        raise ResolveError(f"{endpoint}: unreachable in this test")
+
+    monkeypatch.setattr(tunnel, "resolve", fake_resolve)
+    monkeypatch.setattr(tunnel, "converge_link", _no_link)
+    device = FakeDevice()
+    t = Tunnel(make_config(tmp_path), TunnelKeys(keys.generate_private_key()))
+    with trio.fail_after(600):
+        await t.bring_up(device)
+        assert device.applied[-1].peers[0].endpoint is None
+        for _ in range(5):
+            await t.watch_once(device)
+            await trio.sleep(tunnel.WATCH_INTERVAL_SECONDS)
+        assert len(device.applied) == 1  # nothing changed, nothing re-applied
+        dns_up = True
+        for _ in range(30):  # backoff is capped at 60 s; within 30 ticks of 5 s it retries
+            await t.watch_once(device)
+            if len(device.applied) > 1:
+                break
+            await trio.sleep(tunnel.WATCH_INTERVAL_SECONDS)
+    assert device.applied[-1].peers[0].endpoint == Endpoint(
+        ipaddress.ip_address("198.18.0.1"), 51820
+    )
+    assert calls.count("gw1.example.net") >= 2
+
+
+async def _no_link(ifname: str, plan: object) -> None:
+    return None
+
+
+async def test_ip_literal_endpoints_resolve_without_dns() -> None:
+    with trio.fail_after(5):
+        endpoint = await tunnel.resolve(HostPort("2001:db8::1", 51820))
+    assert str(endpoint) == "[2001:db8::1]:51820"
+
+
+async def test_resolver_failure_is_a_resolve_error_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No real DNS query: test traffic stays on this machine.
+    async def no_such_name(*args: object, **kwargs: object) -> list[object]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(trio.socket, "getaddrinfo", no_such_name)
+    with trio.fail_after(10), pytest.raises(ResolveError, match=r"gw\.example\.net:51820: Name"):
+        await tunnel.resolve(HostPort("gw.example.net", 51820))
+
+
+async def test_slow_resolver_times_out(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def hangs(*args: object, **kwargs: object) -> list[object]:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    monkeypatch.setattr(trio.socket, "getaddrinfo", hangs)
+    with trio.fail_after(60), pytest.raises(ResolveError, match="no DNS answer"):
+        await tunnel.resolve(HostPort("gw.example.net", 51820))
+
+
+def test_private_key_is_created_once_and_reused(tmp_path: Path) -> None:
+    config = make_config(tmp_path, extra_interface='private_key_file = "keys/private.key"')
+    first = load_tunnel_keys(config, create_missing=True)
+    second = load_tunnel_keys(config, create_missing=True)
+    assert first.private_key == second.private_key
+    assert (tmp_path / "keys" / "private.key").stat().st_mode & 0o777 == 0o600
+    assert keys.encode_key(first.private_key) not in repr(first)
+
+
+def test_systemd_credential_is_read_never_created(tmp_path: Path) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    config = make_config(
+        tmp_path,
+        extra_interface='private_key_credential = "tunneld.key"',
+        environ={"CREDENTIALS_DIRECTORY": str(credentials)},
+    )
+    with pytest.raises(KeyFileError, match=r"tunneld\.key"):
+        load_tunnel_keys(config, create_missing=True)
+    assert not (credentials / "tunneld.key").exists()
+
+    private = keys.generate_private_key()
+    (credentials / "tunneld.key").write_text(keys.encode_key(private) + "\n")
+    (credentials / "tunneld.key").chmod(0o400)
+    assert load_tunnel_keys(config, create_missing=True).private_key == private
