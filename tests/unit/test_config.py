@@ -14,6 +14,8 @@ import dataclasses
 import ipaddress
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunneld import config
+from tunneld import config, config_reader
 from tunneld.config import (
     RESERVED_ENV,
     Config,
@@ -99,6 +101,30 @@ def problems(path: Path | None = None, environ: dict[str, str] | None = None) ->
     assert str(info.value) == "\n".join(info.value.problems)
     assert info.value.exit_code == 2
     return info.value.problems
+
+
+def problems_in_subprocess(path: Path, *, wrapper: tuple[str, ...] = ()) -> list[str]:
+    """``problems(path)`` in a fresh interpreter started through ``wrapper``; a hang fails it.
+
+    For what a test cannot do in its own process: drop capabilities, or be killed if it hangs
+    (a signal cannot interrupt a read that loops in C, as ``read_bytes()`` on /dev/zero does).
+    """
+    script = (
+        "import pathlib\n"
+        "from tunneld.config import load_config\n"
+        "from tunneld.errors import ConfigError\n"
+        "try:\n"
+        f"    load_config(pathlib.Path({str(path)!r}), environ={{}})\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+        "else:\n"
+        "    print('loaded without error')\n"
+    )
+    result = subprocess.run(
+        [*wrapper, sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=20, check=True,
+    )  # fmt: skip
+    return result.stdout.splitlines()
 
 
 # --- valid configurations -----------------------------------------------------------------
@@ -296,6 +322,10 @@ INTERFACE_ERRORS = [
     (
         {"private_key_file": ""},
         "interface.private_key_file: must not be empty; expected a file path",
+    ),
+    (
+        {"private_key_file": "keys/a\0b"},
+        'interface.private_key_file: "keys/a\\u0000b" contains a NUL character',
     ),
     (
         {"private_key_file": "/k", "private_key_credential": "k"},
@@ -583,16 +613,58 @@ def test_missing_file_named_by_tunneld_config() -> None:
     ]
 
 
-def test_unreadable_file() -> None:
+def test_directory_instead_of_a_file() -> None:
     Path("dir.toml").mkdir()
-    assert problems(Path("dir.toml")) == ["dir.toml: cannot read: Is a directory"]
+    assert problems(Path("dir.toml")) == [
+        "dir.toml: a directory, not a regular file; point it at the TOML file"
+    ]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_fifo_is_refused_without_waiting_for_a_writer() -> None:
+    os.mkfifo("tunneld.toml")
+    assert problems_in_subprocess(Path("tunneld.toml")) == [
+        "tunneld.toml: a FIFO, not a regular file; point it at the TOML file"
+    ]
+
+
+def test_endless_device_is_refused_without_reading_it() -> None:
+    assert problems_in_subprocess(Path("/dev/zero")) == [
+        "/dev/zero: a character device, not a regular file; point it at the TOML file"
+    ]
+    assert problems(environ={"TUNNELD_CONFIG": "/dev/zero"}) == [
+        "environment: TUNNELD_CONFIG: /dev/zero: a character device, not a regular file;"
+        " point it at the TOML file"
+    ]
+
+
+def test_symlink_to_a_file_is_followed() -> None:  # Kubernetes mounts a ConfigMap as symlinks
+    Path("link.toml").symlink_to(write())
+    assert load_config(Path("link.toml"), environ={}).source == "link.toml"
+
+
+def test_file_size_limit() -> None:
+    limit = config_reader.MAX_FILE_BYTES
+    path = write()
+    path.write_text(path.read_text() + "#" * (limit - path.stat().st_size - 1) + "\n")
+    assert path.stat().st_size == limit
+    assert load_config(path, environ={}).source == "tunneld.toml"
+    path.write_text(path.read_text() + "\n")
+    assert problems(path) == [
+        f"tunneld.toml: larger than {limit} bytes; a config file is a few kilobytes: check the path"
+    ]
+
+
 def test_file_without_read_permission() -> None:
     path = write()
     path.chmod(0)
-    assert problems(path) == ["tunneld.toml: cannot read: Permission denied"]
+    expected = "tunneld.toml: cannot read: Permission denied"
+    if os.geteuid() != 0:
+        assert problems(path) == [expected]
+        return
+    # Root reads any file; without the DAC capabilities it is held to the mode like anyone.
+    drop = "-dac_override,-dac_read_search"
+    wrapper = ("setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}")
+    assert problems_in_subprocess(path, wrapper=wrapper) == [expected]
 
 
 def test_file_that_is_not_utf8() -> None:
@@ -660,6 +732,22 @@ def test_environment_alone(isolated: Path) -> None:
         HostPort("2001:db8::1", 51820),
     )
     assert loaded.gateways[0].persistent_keepalive_seconds == 0
+
+
+def test_environment_alone_in_a_deleted_working_directory(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (isolated / "gone").mkdir()
+    monkeypatch.chdir(isolated / "gone")
+    (isolated / "gone").rmdir()
+    assert problems(environ=ENV_ONLY) == [
+        'environment: TUNNELD_INTERFACE_PRIVATE_KEY_FILE: "keys/private.key" is relative,'
+        " but the working directory it would be relative to no longer exists;"
+        " use an absolute path"
+    ]
+    absolute = {**ENV_ONLY, "TUNNELD_INTERFACE_PRIVATE_KEY_FILE": "/etc/tunneld/private.key"}
+    loaded = load_config(environ=absolute)
+    assert loaded.interface.private_key == KeySource(Path("/etc/tunneld/private.key"))
 
 
 def test_environment_alone_names_missing_keys_by_variable() -> None:
