@@ -19,6 +19,7 @@ import trio
 from tunneld import __version__, daemon, keys, logs
 from tunneld.config import Config, load_config, render_config
 from tunneld.errors import principal_error
+from tunneld.preflight import interface_lock, require_net_admin
 from tunneld.tunnel import Tunnel, load_tunnel_keys
 from tunneld.wireguard.device import delete_device, existing_device, open_device
 from tunneld.wireguard.model import DeviceStats
@@ -95,7 +96,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     config = _load(args)
-    daemon.require_net_admin()
+    require_net_admin()
     tunnel = Tunnel(config, load_tunnel_keys(config, create_missing=True))
 
     async def up() -> None:
@@ -105,7 +106,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         ) as device:
             await tunnel.bring_up(device)
 
-    trio.run(up)
+    with interface_lock(config.interface.name):
+        trio.run(up)
     return EXIT_OK
 
 
@@ -118,8 +120,9 @@ def _interface_name(args: argparse.Namespace) -> tuple[str, Config | None]:
 
 def _cmd_down(args: argparse.Namespace) -> int:
     ifname, _ = _interface_name(args)
-    daemon.require_net_admin()
-    removed = trio.run(delete_device, ifname)
+    require_net_admin()
+    with interface_lock(ifname):
+        removed = trio.run(delete_device, ifname)
     print(f"{ifname}: removed" if removed else f"{ifname}: not present")
     return EXIT_OK
 

@@ -1,46 +1,23 @@
 """The daemon: the one place that knows every part and wires them in one nursery.
 
-Start-up order is explicit: privileges and keys are checked before anything touches the network,
-signal handling is installed before the tunnel starts (so a SIGTERM during bring-up still tears
-down), and ``run`` returns only after the tunnel's teardown has finished.
+Start-up order is explicit: privilege, the interface lock and keys are checked before anything
+touches the network; signal handling is installed before the tunnel starts (so a SIGTERM during
+bring-up still tears down); and ``run`` returns only after the tunnel's teardown has finished.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-from pathlib import Path
 
 import trio
 
 from tunneld import keys
 from tunneld.config import Config
-from tunneld.errors import PermissionError_
+from tunneld.preflight import interface_lock, require_net_admin
 from tunneld.tunnel import Tunnel, load_tunnel_keys
 
 log = logging.getLogger(__name__)
-
-_CAP_NET_ADMIN = 12
-
-
-def has_net_admin(status_path: Path = Path("/proc/self/status")) -> bool:
-    """Whether this process holds CAP_NET_ADMIN in its effective set."""
-    try:
-        for line in status_path.read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> _CAP_NET_ADMIN & 1)
-    except OSError:
-        pass
-    return False
-
-
-def require_net_admin() -> None:
-    if not has_net_admin():
-        raise PermissionError_(
-            "tunneld needs CAP_NET_ADMIN to create and configure the WireGuard interface: run it "
-            "as root, or grant the capability (systemd: AmbientCapabilities=CAP_NET_ADMIN; "
-            "docker: --cap-add NET_ADMIN)"
-        )
 
 
 async def _stop_on_signal(
@@ -57,6 +34,11 @@ async def _stop_on_signal(
 async def run(config: Config) -> None:
     """Run tunneld in the foreground until SIGTERM/SIGINT; tear down before returning."""
     require_net_admin()
+    with interface_lock(config.interface.name):
+        await _run_locked(config)
+
+
+async def _run_locked(config: Config) -> None:
     tunnel_keys = await trio.to_thread.run_sync(
         lambda: load_tunnel_keys(config, create_missing=True)
     )

@@ -172,3 +172,16 @@ def test_without_cap_net_admin_names_the_capability(topology: Topology) -> None:
     assert result.returncode == 2, result.stderr
     assert "CAP_NET_ADMIN" in result.stderr
     assert topology.host_ifname not in topology.host_links()
+
+
+def test_a_second_daemon_for_the_same_interface_is_refused(topology: Topology) -> None:
+    first = topology.start_daemon()
+    topology.wait_running(first)
+    second = topology.tunneld("run", "-c", str(topology.config_file))
+    assert second.returncode == 1
+    # `ip netns exec` execs the daemon, so its pid is the one Popen knows.
+    assert f"managed by another tunneld (pid {first.pid})" in second.stderr
+    down = topology.tunneld("down", "-c", str(topology.config_file))
+    assert down.returncode == 1
+    assert first.poll() is None
+    topology.wait_handshake()

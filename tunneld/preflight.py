@@ -1,0 +1,69 @@
+"""Checks made before anything touches the network: privilege and one owner per interface.
+
+Two tunnelds managing the same interface would undo each other's work (each replaces the other's
+userspace device as "left behind"), so ``run`` holds an exclusive ``flock`` on
+``/run/tunneld/IFNAME.lock`` for its lifetime; ``up`` and ``down`` take it briefly so they cannot
+pull the interface from under a running daemon. The kernel drops the lock when the process dies,
+even by ``kill -9``, so a stale lock file never blocks a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from tunneld.errors import PermissionError_, TunneldError
+
+LOCK_DIRECTORY = Path("/run/tunneld")
+_CAP_NET_ADMIN = 12
+
+
+class AlreadyRunningError(TunneldError):
+    """Another tunneld process manages this interface."""
+
+
+def has_net_admin(status_path: Path = Path("/proc/self/status")) -> bool:
+    """Whether this process holds CAP_NET_ADMIN in its effective set."""
+    try:
+        for line in status_path.read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> _CAP_NET_ADMIN & 1)
+    except OSError:
+        pass
+    return False
+
+
+def require_net_admin() -> None:
+    if not has_net_admin():
+        raise PermissionError_(
+            "tunneld needs CAP_NET_ADMIN to create and configure the WireGuard interface: run it "
+            "as root, or grant the capability (systemd: AmbientCapabilities=CAP_NET_ADMIN; "
+            "docker: --cap-add NET_ADMIN)"
+        )
+
+
+@contextlib.contextmanager
+def interface_lock(ifname: str, directory: Path = LOCK_DIRECTORY) -> Iterator[None]:
+    """Hold the exclusive lock on ``ifname`` for the duration of the context."""
+    path = directory / f"{ifname}.lock"
+    try:
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise TunneldError(f"{path}: cannot create the interface lock: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise AlreadyRunningError(
+                f"interface {ifname} is managed by another tunneld (pid {holder}); stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
