@@ -29,11 +29,12 @@ import ipaddress
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast, get_args
 
 from tunneld import keys
+from tunneld.config_proxy import ProxyConfig, ServiceConfig
 from tunneld.config_reader import Context, KeyPath, Table, dotted, quote, read_toml_file
 from tunneld.errors import ConfigError
 from tunneld.wireguard.model import IPNetwork
@@ -157,6 +158,8 @@ class Config:
     source: str  # the file path as given, or "environment"
     interface: InterfaceConfig
     gateways: tuple[GatewayConfig, ...]
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    services: tuple[ServiceConfig, ...] = ()
 
 
 # --- sections -------------------------------------------------------------------------------

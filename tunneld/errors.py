@@ -81,3 +81,19 @@ def principal_error(exc: BaseException) -> TunneldError | None:
             return None
         found = found or error
     return found
+
+
+class ProxyError(TunneldError):
+    """Forwarding one request or connection failed; never fatal to anything else."""
+
+
+class UpstreamError(ProxyError):
+    """The origin could not be reached or misbehaved.
+
+    ``kind`` is a short, bounded label for logs and metrics: ``refused``, ``timeout``,
+    ``unreachable``, ``dns``, ``tls``, ``protocol`` or ``closed``.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
