@@ -77,13 +77,29 @@ def load_key_file(path: Path, *, what: str = "private key") -> bytes:
     regular file, readable or writable by group/other, too large, or does not hold one key.
     """
     quoted = shlex.quote(str(path))
+    content = read_secret_file(path, what=f"{what} file", missing_hint=_fix_hint(quoted, what))
+    # Undecodable bytes become U+FFFD, which the strict base64 check rejects without echoing them.
+    key, problem = _decode(content.decode("ascii", errors="replace"))
+    if problem:
+        raise KeyFileError(f"{path}: not a WireGuard {what} ({problem}); {_fix_hint(quoted, what)}")
+    return key
+
+
+def read_secret_file(path: Path, *, what: str = "secret file", missing_hint: str = "") -> bytes:
+    """Return the content of *path*, a small regular file that only its owner may use.
+
+    The same rules as key files (mode check on the open descriptor, size cap, no FIFOs), for
+    any secret: a key, or a shared-secret header value. Errors never contain the content.
+    """
+    quoted = shlex.quote(str(path))
     try:
         # O_NONBLOCK: opening a FIFO must not hang; it is refused below as not a regular file.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         if path.is_symlink():
             raise KeyFileError(f"{path}: is a symlink to a missing file; fix the link") from None
-        raise KeyFileError(f"{path}: does not exist; {_fix_hint(quoted, what)}") from None
+        hint = f"; {missing_hint}" if missing_hint else f"; create the {what} (mode 600)"
+        raise KeyFileError(f"{path}: does not exist{hint}") from None
     except PermissionError:
         raise KeyFileError(
             f"{path}: permission denied; tunneld runs as uid {os.geteuid()}: make the file "
@@ -91,16 +107,10 @@ def load_key_file(path: Path, *, what: str = "private key") -> bytes:
         ) from None
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot open ({exc.strerror}); check the path") from exc
-
     try:
-        content = _read_owner_only_file(fd, path)
+        return _read_owner_only_file(fd, path, what)
     finally:
         os.close(fd)
-    # Undecodable bytes become U+FFFD, which the strict base64 check rejects without echoing them.
-    key, problem = _decode(content.decode("ascii", errors="replace"))
-    if problem:
-        raise KeyFileError(f"{path}: not a WireGuard {what} ({problem}); {_fix_hint(quoted, what)}")
-    return key
 
 
 def create_private_key_file(path: Path) -> bytes:
@@ -164,11 +174,11 @@ def _create(path: Path) -> bytes | None:
     return key
 
 
-def _read_owner_only_file(fd: int, path: Path) -> bytes:
+def _read_owner_only_file(fd: int, path: Path, what: str) -> bytes:
     """Return the content of *fd*: a small regular file that only its owner can use."""
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
-        raise KeyFileError(f"{path}: not a regular file; point it at the key file itself")
+        raise KeyFileError(f"{path}: not a regular file; point it at the {what} itself")
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
         access = "readable" if mode & 0o044 else "writable"
@@ -176,7 +186,9 @@ def _read_owner_only_file(fd: int, path: Path) -> bytes:
             f"{path}: {access} by group/other (mode {mode:04o}); "
             f"run: chmod 600 {shlex.quote(str(path))}"
         )
-    too_large = f"{path}: too large to be a key file (a key file holds 45 bytes); check the path"
+    too_large = (
+        f"{path}: too large for a {what} (at most {MAX_KEY_FILE_BYTES} bytes); check the path"
+    )
     if info.st_size > MAX_KEY_FILE_BYTES:
         raise KeyFileError(too_large)
     chunks: list[bytes] = []

@@ -254,7 +254,7 @@ def test_large_file_is_refused_without_reading_it(
         raise AssertionError("a file that fstat says is too large must not be read")
 
     monkeypatch.setattr(os, "read", no_read)
-    with pytest.raises(KeyFileError, match="too large to be a key file"):
+    with pytest.raises(KeyFileError, match="too large for a private key file"):
         keys.load_key_file(path)
 
 
@@ -456,3 +456,14 @@ def test_wg_also_rejects_non_canonical_base64(wg: str) -> None:
         keys.decode_key(non_canonical)
     with pytest.raises(subprocess.CalledProcessError):
         run_wg(wg, "pubkey", stdin=non_canonical)
+
+
+def test_secret_files_follow_the_key_file_rules(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "backend.secret", "s3cret-value\n", 0o600)
+    assert keys.read_secret_file(path, what="header secret file") == b"s3cret-value\n"
+    path.chmod(0o640)
+    with pytest.raises(KeyFileError, match="chmod 600") as caught:
+        keys.read_secret_file(path, what="header secret file")
+    assert "s3cret" not in str(caught.value)
+    with pytest.raises(KeyFileError, match="create the header secret file"):
+        keys.read_secret_file(tmp_path / "absent", what="header secret file")
