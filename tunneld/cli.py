@@ -2,6 +2,7 @@
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error (bad config, bad key file,
 missing privilege or WireGuard implementation — things a person must fix before a retry helps).
+``route-test`` answers a question, like grep: 0 routed, 1 not routed (404), 2 bad config or URL.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,11 @@ import trio
 
 from tunneld import __version__, daemon, keys, logs
 from tunneld.config import Config, load_config, render_config
+from tunneld.config_proxy import ServiceConfig
+from tunneld.config_reader import quote
 from tunneld.errors import principal_error
 from tunneld.preflight import interface_lock, require_net_admin
+from tunneld.proxy.routes import Router
 from tunneld.tunnel import Tunnel, load_tunnel_keys
 from tunneld.wireguard.device import delete_device, existing_device, open_device
 from tunneld.wireguard.model import DeviceStats
@@ -58,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("-i", "--interface", help="interface name (default: from the config)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     with_config("check-config", "validate the config and print it as tunneld sees it")
+    route_test = with_config(
+        "route-test", "show which service a request URL is routed to (exit 1 if none)"
+    )
+    route_test.add_argument(
+        "url", help="the URL as the gateway would request it, e.g. http://billing/v1/x"
+    )
     commands.add_parser("genkey", help="print a new private key (like `wg genkey`)")
     commands.add_parser("pubkey", help="read a private key on stdin, print its public key")
     return parser
@@ -199,6 +210,50 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_route_test(args: argparse.Namespace) -> int:
+    try:
+        host, target = split_test_url(args.url)
+    except ValueError as exc:
+        print(f"tunneld route-test: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    router = Router(_load(args).services)
+    service = router.match(host, target)
+    if service is None:
+        print(f"{args.url} → no service (404)")
+        return EXIT_FAILURE
+    print(f"{args.url} → {describe_route(router.rules.index(service) + 1, service)}")
+    return EXIT_OK
+
+
+def split_test_url(url: str) -> tuple[str, str]:
+    """``http://billing:80/v1/x?a=1`` → (``billing:80``, ``/v1/x?a=1``): Host and target."""
+    bad = f"{quote(url)} is not an http:// or https:// URL with a host, e.g. http://billing/v1/x"
+    if any(char.isspace() or not char.isprintable() for char in url):
+        raise ValueError(bad)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not an integer up to 65535
+    except ValueError:
+        raise ValueError(bad) from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(bad)
+    host = parts.netloc.rpartition("@")[2]  # no user:password in a Host header
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return host, target
+
+
+def describe_route(rule_number: int, service: ServiceConfig) -> str:
+    """``service "billing" (rule 1: hosts billing; path /v1) → http://127.0.0.1:8080``."""
+    hosts = ", ".join(service.hosts)
+    text = (
+        f"service {quote(service.name)} (rule {rule_number}: hosts {hosts}; "
+        f"path {service.path_prefix}) → {service.upstream}"
+    )
+    if service.host_rewrite is not None:
+        text += f" (Host: {service.host_rewrite})"
+    return text
+
+
 def _cmd_genkey(args: argparse.Namespace) -> int:
     print(keys.encode_key(keys.generate_private_key()))
     return EXIT_OK
@@ -220,6 +275,7 @@ _COMMANDS = {
     "down": _cmd_down,
     "status": _cmd_status,
     "check-config": _cmd_check_config,
+    "route-test": _cmd_route_test,
     "genkey": _cmd_genkey,
     "pubkey": _cmd_pubkey,
 }

@@ -3,21 +3,23 @@
 How this works (the generic parts, which know no section of tunneld, are in ``config_reader``):
 
 1. ``read_toml_file`` parses the TOML file (when there is one) into a plain dict.
-2. ``_overlay_env`` writes every ``TUNNELD_INTERFACE_<KEY>`` / ``TUNNELD_GATEWAY_<N>_<KEY>``
+2. ``_overlay_env`` writes every ``TUNNELD_<TABLE>_<KEY>`` / ``TUNNELD_<ARRAY>_<N>_<KEY>``
    variable into that dict *as a string* and remembers which variable set which key path.
-3. One small function per section (``_interface``, ``_gateway``) reads its table through
-   ``Table``. A read converts the value to the key's type (environment strings are parsed
-   there), records a problem instead of raising, and returns a fallback so that validation goes
-   on. ``Table.done`` reports every key nobody read as unknown. Rules spanning sections
-   (duplicates, overlaps) run last.
+   ``TUNNELD_SERVICE_<N>_TLS_CA_FILE`` reaches into the sub-table ``tls`` (``_ENV_SUBTABLES``).
+3. One small function per section (``_interface``, ``_gateway``; ``[proxy]`` and ``[[service]]``
+   in ``config_proxy``) reads its table through ``Table``. A read converts the value to the
+   key's type (environment strings are parsed there), records a problem instead of raising, and
+   returns a fallback so that validation goes on. ``Table.done`` reports every key nobody read
+   as unknown. Rules spanning sections (duplicates, overlaps) run last.
 4. If any problem was recorded, one ``ConfigError`` carries all of them, one per line:
    ``<file or "environment">: <key path or variable>: <what is wrong / what was expected>``.
 
 Key files are never read here: ``KeySource`` only says where a key lives; ``keys.py`` loads it.
 
-To add a section (``[health]``, ``[metrics]``, ``[[service]]``): a dataclass, a function
-``_health(ctx, raw)`` that reads it through ``Table``, a call in ``_config``, a field of
-``Config``, a block in ``render_config``; list it in ``_ENV_TABLES``/``_ENV_ARRAYS`` for env access.
+To add a section (``[health]``, ``[metrics]``): a dataclass, a function ``_health(ctx, raw)``
+that reads it through ``Table`` (in a module of its own if it is large, like ``config_proxy``), a
+call in ``_config``, a field of ``Config``, a block in ``render_config``; list it in
+``_ENV_TABLES``/``_ENV_ARRAYS`` for env access.
 """
 
 # ruff: noqa: RUF001 -- messages write ranges with an en dash (U+2013) on purpose
@@ -34,7 +36,15 @@ from pathlib import Path
 from typing import Literal, cast, get_args
 
 from tunneld import keys
-from tunneld.config_proxy import ProxyConfig, ServiceConfig
+from tunneld.config_proxy import (
+    ProxyConfig,
+    ServiceConfig,
+    check_services,
+    read_proxy,
+    read_service,
+    render_proxy,
+    render_service,
+)
 from tunneld.config_reader import Context, KeyPath, Table, dotted, quote, read_toml_file
 from tunneld.errors import ConfigError
 from tunneld.wireguard.model import IPNetwork
@@ -54,9 +64,11 @@ RESERVED_ENV = frozenset({"TUNNELD_CONFIG", "TUNNELD_LOG_LEVEL", "TUNNELD_LOG_FO
 MTU_MIN, MTU_MAX = 1280, 65535
 
 # Sections reachable from the environment: [table] ← TUNNELD_TABLE_<KEY>,
-# [[array]] ← TUNNELD_ARRAY_<N>_<KEY>.
-_ENV_TABLES = ("interface",)
-_ENV_ARRAYS = ("gateway",)
+# [[array]] ← TUNNELD_ARRAY_<N>_<KEY>, a sub-table of an entry ← TUNNELD_ARRAY_<N>_<SUB>_<KEY>
+# (no key of those entries starts with a sub-table's name and "_").
+_ENV_TABLES = ("interface", "proxy")
+_ENV_ARRAYS = ("gateway", "service")
+_ENV_SUBTABLES = {"service": ("require_header", "tls")}
 
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.=+-]+")
 _GATEWAY_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
@@ -67,6 +79,7 @@ _PORT_RE = re.compile(r"[0-9]{1,5}")
 _UNKNOWN_KEY_HINTS = {
     "private_key": "keys are never inline: put it in a 0600 file, set private_key_file",
     "preshared_key": "keys are never inline: put it in a 0600 file, set preshared_key_file",
+    "value": "secrets are never inline: put it in a 0600 file, set value_file",
 }
 
 
@@ -350,8 +363,15 @@ def _config(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Config:
     if not gateways and isinstance(raw.get("gateway", []), list):  # else: the type is reported
         ctx.add(("gateway",), "missing; at least one [[gateway]] table is required")
     _check_gateways(ctx, gateways)
+    networks = [network for gateway in gateways for network in gateway.allowed_ips]
+    proxy = read_proxy(ctx, root.table("proxy"), networks)
+    tables = root.tables("service")
+    services = tuple(
+        read_service(ctx, key_dirs.relative_to, i, table) for i, table in enumerate(tables)
+    )
+    check_services(ctx, proxy, services)
     root.done()
-    return Config(ctx.label, interface, gateways)
+    return Config(ctx.label, interface, gateways, proxy, services)
 
 
 # --- environment and load_config ------------------------------------------------------------
@@ -390,8 +410,7 @@ def _overlay_env(ctx: Context, raw: dict[str, object], environ: Mapping[str, str
             continue
         table = raw.setdefault(section, {})
         if isinstance(table, dict):  # else: the type error is reported by Table
-            table[key] = environ[variable]
-            ctx.env_origins[(section, key)] = variable
+            _set_env_value(ctx, (section,), table, key, variable, environ[variable])
     for section, index, key, variable in sorted(indexed):  # by index, so appends are in order
         tables = raw.setdefault(section, [])
         if not isinstance(tables, list):
@@ -404,8 +423,22 @@ def _overlay_env(ctx: Context, raw: dict[str, object], environ: Mapping[str, str
                 f"{len(tables)} in the file or environment (indices are 0-based, contiguous)"
             )
         elif isinstance(tables[index], dict):
-            tables[index][key] = environ[variable]
-            ctx.env_origins[(section, index, key)] = variable
+            _set_env_value(ctx, (section, index), tables[index], key, variable, environ[variable])
+
+
+def _set_env_value(
+    ctx: Context, path: KeyPath, table: dict[str, object], key: str, variable: str, value: str
+) -> None:
+    """``table[key] = value``, or ``table[sub][rest] = value`` for a sub-table key ``sub_rest``."""
+    for sub in _ENV_SUBTABLES.get(str(path[0]), ()):
+        if key.startswith(f"{sub}_"):
+            nested = table.setdefault(sub, {})
+            if not isinstance(nested, dict):  # the type error is reported by Table
+                return
+            path, table, key = (*path, sub), nested, key.removeprefix(f"{sub}_")
+            break
+    table[key] = value
+    ctx.env_origins[(*path, key)] = variable
 
 
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -493,4 +526,7 @@ def render_config(config: Config) -> str:
         ]
         if gateway.preshared_key is not None:
             lines += _render_key_source("preshared_key", gateway.preshared_key)
+    lines += render_proxy(config.proxy)
+    for service in config.services:
+        lines += render_service(service)
     return "\n".join(lines) + "\n"

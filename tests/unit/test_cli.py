@@ -130,3 +130,118 @@ def test_duplicate_gateway_keys_are_refused(
 def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", "-c", str(tmp_path / "absent.toml")]) == 2
     assert "absent.toml" in capsys.readouterr().err
+
+
+# --- route-test -----------------------------------------------------------------------------
+
+ROUTES = """
+    [[service]]
+    name = "billing"
+    hosts = ["billing", "*.billing.internal"]
+    path_prefix = "/v1"
+    upstream = "http://127.0.0.1:8080"
+
+    [[service]]
+    name = "postgres"
+    protocol = "tcp"
+    listen_port = 5432
+    upstream = "tcp://127.0.0.1:5432"
+
+    [[service]]
+    name = "reports"
+    hosts = ["reports", "[fd44::2]"]
+    upstream = "unix:/run/reports.sock"
+    host_rewrite = "reports.local"
+    """
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "http://billing/v1/x",
+            'http://billing/v1/x → service "billing" (rule 1: hosts billing, *.billing.internal;'
+            " path /v1) → http://127.0.0.1:8080",
+        ),
+        (
+            "https://EU.Billing.Internal:8443/v1?x=/v2",
+            'https://EU.Billing.Internal:8443/v1?x=/v2 → service "billing" (rule 1: hosts billing,'
+            " *.billing.internal; path /v1) → http://127.0.0.1:8080",
+        ),
+        (
+            "http://reports",
+            'http://reports → service "reports" (rule 2: hosts reports, [fd44::2]; path /)'
+            " → unix:/run/reports.sock (Host: reports.local)",
+        ),
+        (
+            "http://[FD44:0::2]:80/x",
+            'http://[FD44:0::2]:80/x → service "reports" (rule 2: hosts reports, [fd44::2];'
+            " path /) → unix:/run/reports.sock (Host: reports.local)",
+        ),
+    ],
+)
+def test_route_test_names_the_service(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, expected: str
+) -> None:
+    path = write_config(tmp_path, VALID + ROUTES)
+    assert main(["route-test", "-c", str(path), url]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://nope/", "http://billing/v10", "http://billing/", "http://postgres/"]
+)
+def test_route_test_without_a_match_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    path = write_config(tmp_path, VALID + ROUTES)
+    assert main(["route-test", "-c", str(path), url]) == 1
+    assert capsys.readouterr().out == f"{url} → no service (404)\n"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["billing/v1", "ftp://billing/", "http:///v1", "http://billing:99999/", "http://[::1/",
+     "http://bill ing/", "http://billing/\n"],
+)  # fmt: skip
+def test_route_test_refuses_a_bad_url_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    path = write_config(tmp_path, VALID + ROUTES)
+    assert main(["route-test", "-c", str(path), url]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("tunneld route-test: ")
+    assert "is not an http:// or https:// URL with a host, e.g. http://billing/v1/x" in captured.err
+
+
+def test_route_test_with_a_bad_config_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, VALID + ROUTES.replace("tcp://127.0.0.1:5432", "htp://x"))
+    assert main(["route-test", "-c", str(path), "http://billing/v1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert 'service[1].upstream: "htp://x" is not a valid upstream' in captured.err
+
+
+def test_check_config_never_prints_the_shared_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "backend.secret").write_text("hunter2-correct-horse\n")
+    (tmp_path / "backend.secret").chmod(0o600)
+    services = """
+    [[service]]
+    name = "vault"
+    hosts = ["vault"]
+    upstream = "http://127.0.0.1:8200"
+    [service.require_header]
+    name = "X-Backend-Secret"
+    value_file = "backend.secret"
+    """
+    path = write_config(tmp_path, VALID + services)
+    assert main(["check-config", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f'value_file = "{tmp_path / "backend.secret"}"' in out
+    assert 'name = "x-backend-secret"' in out
+    assert "hunter2" not in out

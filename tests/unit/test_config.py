@@ -808,12 +808,13 @@ def test_unknown_environment_variables() -> None:
         "TUNNELD_GATEWAY_NAME": "edge",
         "TUNNELD_METRICS_LISTEN": "127.0.0.1:9477",
     }
-    reserved = ", ".join(sorted(RESERVED_ENV))
+    forms = (
+        "TUNNELD_INTERFACE_<KEY>, TUNNELD_PROXY_<KEY>, TUNNELD_GATEWAY_<N>_<KEY>,"
+        f" TUNNELD_SERVICE_<N>_<KEY>, {', '.join(sorted(RESERVED_ENV))}"
+    )
     assert problems(write(), environ) == [
-        "environment: TUNNELD_GATEWAY_NAME: unknown variable; expected TUNNELD_INTERFACE_<KEY>,"
-        f" TUNNELD_GATEWAY_<N>_<KEY>, {reserved}",
-        "environment: TUNNELD_METRICS_LISTEN: unknown variable; expected"
-        f" TUNNELD_INTERFACE_<KEY>, TUNNELD_GATEWAY_<N>_<KEY>, {reserved}",
+        f"environment: TUNNELD_GATEWAY_NAME: unknown variable; expected {forms}",
+        f"environment: TUNNELD_METRICS_LISTEN: unknown variable; expected {forms}",
         "environment: TUNNELD_INTERFACE_ADRESS: unknown variable;"
         " did you mean TUNNELD_INTERFACE_ADDRESS?",
         "environment: TUNNELD_GATEWAY_0_COLOUR: unknown variable",
