@@ -15,6 +15,8 @@ How this works (the generic parts, which know no section of tunneld, are in ``co
    ``<file or "environment">: <key path or variable>: <what is wrong / what was expected>``.
 
 Key files are never read here: ``KeySource`` only says where a key lives; ``keys.py`` loads it.
+``HostPort``, the endpoint syntax that ``config_proxy`` shares, lives in ``host_port``; it is
+re-exported here, where most callers import it from.
 
 To add a section (``[health]``, ``[metrics]``): a dataclass, a function ``_health(ctx, raw)``
 that reads it through ``Table`` (in a module of its own if it is large, like ``config_proxy``), a
@@ -30,7 +32,7 @@ import base64
 import ipaddress
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast, get_args
@@ -45,8 +47,18 @@ from tunneld.config_proxy import (
     render_proxy,
     render_service,
 )
-from tunneld.config_reader import Context, KeyPath, Table, dotted, quote, read_toml_file
+from tunneld.config_reader import (
+    Context,
+    KeyPath,
+    Table,
+    dotted,
+    file_path,
+    quote,
+    read_toml_file,
+    toml_value,
+)
 from tunneld.errors import ConfigError
+from tunneld.host_port import HostPort as HostPort  # re-exported: callers import it from here
 from tunneld.wireguard.model import IPNetwork
 
 BackendChoice = Literal["auto", "kernel", "userspace"]
@@ -72,63 +84,12 @@ _ENV_SUBTABLES = {"service": ("require_header", "tls")}
 
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.=+-]+")
 _GATEWAY_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
-# Underscores are not legal in host names but resolvers accept them and internal names use them.
-_DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
-_PORT_RE = re.compile(r"[0-9]{1,5}")
 # Keys people write by mistake, and what to write instead.
 _UNKNOWN_KEY_HINTS = {
     "private_key": "keys are never inline: put it in a 0600 file, set private_key_file",
     "preshared_key": "keys are never inline: put it in a 0600 file, set preshared_key_file",
     "value": "secrets are never inline: put it in a 0600 file, set value_file",
 }
-
-
-@dataclass(frozen=True)
-class HostPort:
-    """An unresolved endpoint from config: a DNS name or IP literal (IPv6 without brackets)."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @classmethod
-    def parse(cls, text: str) -> HostPort:
-        """Parse ``host:port`` or ``[v6]:port``; ``ValueError`` says what is wrong."""
-        if text.startswith("["):
-            host, bracket, port = text[1:].partition("]:")
-            if not bracket:
-                raise ValueError("missing :port after the bracketed address")
-            try:
-                host = str(ipaddress.IPv6Address(host))
-            except ValueError:
-                raise ValueError("not a valid IPv6 address inside the brackets") from None
-        else:
-            host, colon, port = text.rpartition(":")
-            if not colon:
-                raise ValueError("missing :port")
-            if ":" in host:
-                raise ValueError("an IPv6 address needs brackets, e.g. [2001:db8::1]:51820")
-            host = _check_host(host)
-        if not _PORT_RE.fullmatch(port) or not 1 <= int(port) <= 65535:
-            raise ValueError("port 1–65535")
-        return cls(host, int(port))
-
-
-def _check_host(host: str) -> str:
-    """An IPv4 literal (returned canonical) or a DNS name (returned as is)."""
-    if not host:
-        raise ValueError("empty host")
-    if re.fullmatch(r"[0-9.]+", host):
-        try:
-            return str(ipaddress.IPv4Address(host))
-        except ValueError:
-            raise ValueError("not a valid IPv4 address") from None
-    labels = host.removesuffix(".").split(".")
-    if len(host) > 253 or not all(_DNS_LABEL_RE.fullmatch(label) for label in labels):
-        raise ValueError("not a DNS name: letters, digits, '-', '_', dot-separated labels")
-    return host
 
 
 @dataclass(frozen=True)
@@ -227,22 +188,11 @@ def _key_source(table: Table, key_dirs: _KeyDirs, prefix: str) -> KeySource | No
         table.problem(f"{prefix}_credential", f"{prefix}_file is set too; use one of them")
         return None
     if file is not None:
-        if not file:
-            table.problem(f"{prefix}_file", "must not be empty; expected a file path")
+        try:
+            return KeySource(file_path(file, key_dirs.relative_to))
+        except ValueError as exc:
+            table.problem(f"{prefix}_file", str(exc))
             return None
-        if "\0" in file:  # no file has one; os.open() would raise ValueError, not OSError
-            table.problem(f"{prefix}_file", f"{quote(file)} contains a NUL character")
-            return None
-        if Path(file).is_absolute():
-            return KeySource(Path(file))
-        if key_dirs.relative_to is None:
-            table.problem(
-                f"{prefix}_file",
-                f"{quote(file)} is relative, but the working directory it would be relative to "
-                "no longer exists; use an absolute path",
-            )
-            return None
-        return KeySource(key_dirs.relative_to / file)
     if credential is None:
         return None
     if not credential or "/" in credential or "\0" in credential or credential in (".", ".."):
@@ -288,10 +238,8 @@ def _gateway(ctx: Context, key_dirs: _KeyDirs, index: int, raw: dict[str, object
     if not _GATEWAY_NAME_RE.fullmatch(name):
         table.problem("name", f"{quote(name)} is not a gateway name ([A-Za-z0-9_.-], 1–63 chars)")
     public_key = b""
-    encoded = table.optional_text("public_key")
-    if encoded is None and "public_key" not in raw:
-        table.missing("public_key", "the gateway's base64 public key")
-    elif encoded is not None:  # None here: not a string, which is reported already
+    encoded = table.required_text("public_key", "the gateway's base64 public key")
+    if encoded is not None:  # None: missing or not a string, which is reported already
         try:
             public_key = keys.decode_key(encoded, what="public key")
         except ValueError as exc:
@@ -481,10 +429,6 @@ def _absolute(path: Path) -> Path | None:
 # --- rendering ------------------------------------------------------------------------------
 
 
-def _toml_list(items: Iterable[object]) -> str:
-    return "[" + ", ".join(quote(str(item)) for item in items) + "]"
-
-
 def _render_key_source(prefix: str, source: KeySource) -> list[str]:
     if source.credential is None:
         return [f"{prefix}_file = {quote(str(source.path))}"]
@@ -504,7 +448,7 @@ def render_config(config: Config) -> str:
         "[interface]",
         f"name = {quote(interface.name)}",
         *_render_key_source("private_key", interface.private_key),
-        f"address = {_toml_list(interface.addresses)}",
+        f"address = {toml_value(interface.addresses)}",
     ]
     if interface.listen_port is not None:
         lines.append(f"listen_port = {interface.listen_port}")
@@ -520,8 +464,8 @@ def render_config(config: Config) -> str:
             "[[gateway]]",
             f"name = {quote(gateway.name)}",
             f"public_key = {quote(base64.b64encode(gateway.public_key).decode())}",
-            f"endpoints = {_toml_list(gateway.endpoints)}",
-            f"allowed_ips = {_toml_list(gateway.allowed_ips)}",
+            f"endpoints = {toml_value(gateway.endpoints)}",
+            f"allowed_ips = {toml_value(gateway.allowed_ips)}",
             f"persistent_keepalive = {gateway.persistent_keepalive_seconds}",
         ]
         if gateway.preshared_key is not None:

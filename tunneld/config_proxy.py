@@ -2,7 +2,8 @@
 
 Plain frozen data first; below it the validators that build it from TOML. ``config.py`` calls
 them; they read through :class:`~tunneld.config_reader.Table` like the rest of the config, so a
-bad value becomes one problem naming its key path (or variable) and validation goes on.
+bad value becomes one problem naming its key path (or variable) and validation goes on. Only the
+rules of these sections live here; typed reads (booleans, seconds, file paths) are ``Table``'s.
 
 Rules spanning entries run last, in ``check_services``: unique names, free TCP ports, and no
 unreachable rule (:func:`tunneld.proxy.routes.unreachable_rules` says which those are).
@@ -18,12 +19,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast, get_args
 
-from tunneld.config_reader import Context, KeyPath, Table, describe, dotted, quote
+from tunneld.config_reader import Context, KeyPath, Table, dotted, quote, toml_lines
+from tunneld.host_port import HostPort
 from tunneld.proxy.routes import exact_host, host_name, host_pattern, unreachable_rules
 from tunneld.wireguard.model import IPNetwork
 
@@ -101,7 +103,6 @@ class ProxyConfig:
 
 MAX_CONNECTIONS = 1 << 20
 REQUEST_HEAD_BYTES_MIN, REQUEST_HEAD_BYTES_MAX = 1024, 1 << 20
-MAX_TIMEOUT_SECONDS = 365 * 86400  # bounds typos such as milliseconds written as seconds
 MAX_IDLE_UPSTREAM_CONNECTIONS = 1024
 # sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 UNIX_PATH_MAX_BYTES = 107
@@ -111,8 +112,6 @@ _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 # RFC 3986 path characters: unreserved, pct-encoded, sub-delims, ":", "@" — and "/".
 _URL_PATH_RE = re.compile(r"/[A-Za-z0-9\-._~%!$&'()*+,;=:@/]*")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
-_ENV_SECONDS_RE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
-_ENV_BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
 
 _HTTP_ONLY = ("hosts", "path_prefix", "host_rewrite", "response_timeout",
               "max_idle_upstream_connections", "require_header", "tls")  # fmt: skip
@@ -156,12 +155,12 @@ def read_proxy(
             REQUEST_HEAD_BYTES_MIN,
             REQUEST_HEAD_BYTES_MAX,
         ),
-        request_head_timeout_seconds=_seconds(
-            table, "request_head_timeout", defaults.request_head_timeout_seconds
+        request_head_timeout_seconds=table.seconds(
+            "request_head_timeout", defaults.request_head_timeout_seconds
         ),
         allowed_sources=_allowed_sources(table, gateway_networks),
-        trust_forwarded_headers=_boolean(table, "trust_forwarded_headers", False),
-        add_forwarded_header=_boolean(table, "add_forwarded_header", False),
+        trust_forwarded_headers=table.boolean("trust_forwarded_headers", False),
+        add_forwarded_header=table.boolean("add_forwarded_header", False),
     )
     table.done()
     return proxy
@@ -206,10 +205,8 @@ def read_service(
 ) -> ServiceConfig:
     """``service[index]``; relative file paths are resolved against ``relative_to``."""
     table = Table(ctx, ("service", index), raw)
-    name = table.optional_text("name")
+    name = table.required_text("name", 'a unique service name, e.g. "billing"')
     if name is None:
-        if "name" not in raw:
-            table.missing("name", 'a unique service name, e.g. "billing"')
         name = ""
     elif not _SERVICE_NAME_RE.fullmatch(name):
         table.problem("name", f"{quote(name)} is not a service name ([A-Za-z0-9_.-], 1–63 chars)")
@@ -220,24 +217,24 @@ def read_service(
     else:
         table.problem("protocol", f'{quote(protocol_text)} is not one of "http", "tcp"')
     if protocol == "tcp":
-        _refuse(table, _HTTP_ONLY, 'not allowed with protocol = "tcp"; it is an http setting')
+        table.refuse(_HTTP_ONLY, 'not allowed with protocol = "tcp"; it is an http setting')
     elif protocol == "http":
         message = (
             'not allowed with protocol = "http"; http services share proxy.http_port '
             "(listen_port is for tcp services)"
         )
-        _refuse(table, _TCP_ONLY, message)
+        table.refuse(_TCP_ONLY, message)
     http, tcp = protocol != "tcp", protocol != "http"
     defaults = _SERVICE_DEFAULTS
     hosts = _hosts(table, required=protocol == "http") if http else ()
     path_prefix = _path_prefix(table) if http else defaults.path_prefix
     upstream = _upstream(table, protocol)
     host_rewrite = _host_rewrite(table) if http else None
-    connect_timeout = _seconds(table, "connect_timeout", defaults.connect_timeout_seconds)
+    connect_timeout = table.seconds("connect_timeout", defaults.connect_timeout_seconds)
     response_timeout = defaults.response_timeout_seconds
     if http:
-        response_timeout = _seconds(table, "response_timeout", response_timeout)
-    idle_timeout = _seconds(table, "idle_timeout", defaults.idle_timeout_seconds)
+        response_timeout = table.seconds("response_timeout", response_timeout)
+    idle_timeout = table.seconds("idle_timeout", defaults.idle_timeout_seconds)
     max_idle = defaults.max_idle_upstream_connections
     if http:
         max_idle = table.integer(
@@ -262,14 +259,6 @@ def read_service(
         idle_timeout_seconds=idle_timeout,
         max_idle_upstream_connections=max_idle,
     )
-
-
-def _refuse(table: Table, keys: Iterable[str], message: str) -> None:
-    """Report each of ``keys`` that is set: they do not apply to this kind of service."""
-    for key in keys:
-        if key in table.raw:
-            table.known.append(key)
-            table.problem(key, message)
 
 
 def _hosts(table: Table, *, required: bool) -> tuple[str, ...]:
@@ -311,11 +300,9 @@ def _path_prefix(table: Table) -> str:
 
 
 def _upstream(table: Table, protocol: Protocol | None) -> Upstream | None:
-    text = table.optional_text("upstream")
+    forms = _ALL_UPSTREAM_FORMS if protocol is None else _UPSTREAM_FORMS[protocol]
+    text = table.required_text("upstream", forms)
     if text is None:
-        if "upstream" not in table.raw:
-            forms = _ALL_UPSTREAM_FORMS if protocol is None else _UPSTREAM_FORMS[protocol]
-            table.missing("upstream", forms)
         return None
     try:
         return parse_upstream(text, protocol)
@@ -326,9 +313,6 @@ def _upstream(table: Table, protocol: Protocol | None) -> Upstream | None:
 
 def parse_upstream(text: str, protocol: Protocol | None = None) -> Upstream:
     """``text`` as the upstream of a ``protocol`` service (None: of any); ``ValueError`` else."""
-    # config imports this module, so HostPort (the endpoint syntax, shared with gateways) can
-    # only be imported once both are loaded.
-    from tunneld.config import HostPort
 
     def invalid(reason: str) -> ValueError:
         return ValueError(f"{quote(text)} is not a valid upstream ({reason})")
@@ -397,44 +381,38 @@ def _listen_port(table: Table, *, required: bool) -> int | None:
     return port
 
 
-def _sub_table(table: Table, key: str) -> Table | None:
-    """The sub-table ``key`` to read through, or None if it is absent (or not a table)."""
-    if key not in table.raw:
-        table.known.append(key)
-        return None
-    is_table = isinstance(table.raw[key], dict)
-    raw = table.table(key)  # reports a value that is not a table
-    return Table(table.ctx, (*table.path, key), raw) if is_table else None
-
-
 def _require_header(table: Table, relative_to: Path | None) -> RequireHeader | None:
-    sub = _sub_table(table, "require_header")
+    sub = table.sub_table("require_header")
     if sub is None:
         return None
-    name = sub.optional_text("name")
+    name = _header_name(sub)
+    value_file = sub.optional_file("value_file", relative_to)
+    if value_file is None and "value_file" not in sub.raw:
+        sub.missing("value_file", "the file that holds the secret (mode 0600)")
+    forward = sub.boolean("forward", False)
+    sub.done()
+    if name is None or value_file is None:
+        return None
+    return RequireHeader(name, value_file, forward)
+
+
+def _header_name(table: Table) -> str | None:
+    """``name``, lower-cased; not a header that the proxy itself uses."""
+    name = table.required_text("name", 'a header name, e.g. "X-Backend-Secret"')
     if name is None:
-        if "name" not in sub.raw:
-            sub.missing("name", 'a header name, e.g. "X-Backend-Secret"')
-    elif not _HEADER_NAME_RE.fullmatch(name):
-        sub.problem(
-            "name", f"{quote(name)} is not a header name (letters, digits, !#$%&'*+-.^_`|~)"
-        )
-        name = None
-    elif name.lower() in _PROXY_HEADERS or name.lower().startswith("proxy-"):
-        sub.problem(
+        return None
+    if not _HEADER_NAME_RE.fullmatch(name):
+        message = f"{quote(name)} is not a header name (letters, digits, !#$%&'*+-.^_`|~)"
+        table.problem("name", message)
+        return None
+    if name.lower() in _PROXY_HEADERS or name.lower().startswith("proxy-"):
+        table.problem(
             "name",
             f"{quote(name)} is a header the proxy itself reads or sets; "
             'use one of your own, e.g. "X-Backend-Secret"',
         )
-        name = None
-    value_file = _file(sub, "value_file", relative_to)
-    if value_file is None and "value_file" not in sub.raw:
-        sub.missing("value_file", "the file that holds the secret (mode 0600)")
-    forward = _boolean(sub, "forward", False)
-    sub.done()
-    if name is None or value_file is None:
         return None
-    return RequireHeader(name.lower(), value_file, forward)
+    return name.lower()
 
 
 def _tls(table: Table, relative_to: Path | None, upstream: Upstream | None) -> TLSOptions:
@@ -442,12 +420,12 @@ def _tls(table: Table, relative_to: Path | None, upstream: Upstream | None) -> T
         table.known.append("tls")
         table.problem("tls", f"only for https:// upstreams; upstream is {quote(str(upstream))}")
         return TLSOptions()
-    sub = _sub_table(table, "tls")
+    sub = table.sub_table("tls")
     if sub is None:
         return TLSOptions()
-    ca_file = _file(sub, "ca_file", relative_to)
-    client_cert_file = _file(sub, "client_cert_file", relative_to)
-    client_key_file = _file(sub, "client_key_file", relative_to)
+    ca_file = sub.optional_file("ca_file", relative_to)
+    client_cert_file = sub.optional_file("client_cert_file", relative_to)
+    client_key_file = sub.optional_file("client_key_file", relative_to)
     server_name = sub.optional_text("server_name")
     if server_name is not None:
         try:
@@ -458,7 +436,7 @@ def _tls(table: Table, relative_to: Path | None, upstream: Upstream | None) -> T
             except ValueError as exc:
                 sub.problem("server_name", f"{quote(server_name)} is not a server name ({exc})")
                 server_name = None
-    verify = _boolean(sub, "verify", True)
+    verify = sub.boolean("verify", True)
     if "client_key_file" in sub.raw and "client_cert_file" not in sub.raw:
         sub.problem(
             "client_key_file", "client_cert_file is not set; a client key needs its certificate"
@@ -512,102 +490,7 @@ def _check_reachable(ctx: Context, services: Sequence[ServiceConfig]) -> None:
         ctx.add(("service", index), f"unreachable: {message}")
 
 
-# --- typed reads that Table does not offer --------------------------------------------------
-
-
-def _read(table: Table, key: str) -> tuple[object | None, str | None]:
-    """The value of ``key`` (marked as read) and, if a variable set it, its text to parse."""
-    table.known.append(key)
-    value = table.raw.get(key)
-    from_env = (*table.path, key) in table.ctx.env_origins
-    return value, value if from_env and isinstance(value, str) else None
-
-
-def _boolean(table: Table, key: str, default: bool) -> bool:
-    value, env_text = _read(table, key)
-    if env_text is not None:
-        parsed = _ENV_BOOLEANS.get(env_text.strip().lower())
-        if parsed is None:
-            table.problem(key, f"{quote(env_text)} is not a boolean (true, false, 1 or 0)")
-            return default
-        return parsed
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        table.problem(key, f"expected true or false, got {describe(value)}")
-        return default
-    return value
-
-
-def _seconds(table: Table, key: str, default: float) -> float:
-    """A duration in seconds, integer or float, more than 0 and at most a year."""
-    value, env_text = _read(table, key)
-    shown = str(value)
-    if env_text is not None:
-        shown = env_text.strip()
-        if not _ENV_SECONDS_RE.fullmatch(shown):
-            table.problem(key, f"{quote(env_text)} is not a number of seconds, e.g. 10 or 0.5")
-            return default
-        value = float(shown)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        table.problem(key, f"expected a number of seconds, got {describe(value)}")
-        return default
-    if not 0 < value <= MAX_TIMEOUT_SECONDS:  # also refuses nan and inf
-        table.problem(
-            key,
-            f"{shown} is out of range (expected seconds, more than 0 and at most "
-            f"{MAX_TIMEOUT_SECONDS})",
-        )
-        return default
-    return float(value)
-
-
-def _file(table: Table, key: str, relative_to: Path | None) -> Path | None:
-    """A file path, relative ones resolved against the config file's directory."""
-    text = table.optional_text(key)
-    if text is None:
-        return None
-    if not text:
-        table.problem(key, "must not be empty; expected a file path")
-        return None
-    if "\0" in text:
-        table.problem(key, f"{quote(text)} contains a NUL character")
-        return None
-    if Path(text).is_absolute():
-        return Path(text)
-    if relative_to is None:
-        table.problem(
-            key,
-            f"{quote(text)} is relative, but the working directory it would be relative to "
-            "no longer exists; use an absolute path",
-        )
-        return None
-    return relative_to / text
-
-
 # --- rendering ------------------------------------------------------------------------------
-
-
-def _toml_lines(pairs: Iterable[tuple[str, object]]) -> list[str]:
-    """``key = value`` lines; a None value is left out, a float is seconds."""
-    lines = []
-    for key, value in pairs:
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int):
-            text = str(value)
-        elif isinstance(value, float):
-            text = str(int(value)) if value.is_integer() else repr(value)
-        elif isinstance(value, tuple):
-            text = "[" + ", ".join(quote(str(item)) for item in value) + "]"
-        else:
-            text = quote(str(value))
-        lines.append(f"{key} = {text}")
-    return lines
 
 
 def render_proxy(proxy: ProxyConfig) -> list[str]:
@@ -615,16 +498,14 @@ def render_proxy(proxy: ProxyConfig) -> list[str]:
     return [
         "",
         "[proxy]",
-        *_toml_lines(
-            [
-                ("http_port", proxy.http_port),
-                ("max_connections", proxy.max_connections),
-                ("max_request_head_bytes", proxy.max_request_head_bytes),
-                ("request_head_timeout", proxy.request_head_timeout_seconds),
-                ("allowed_sources", proxy.allowed_sources or None),
-                ("trust_forwarded_headers", proxy.trust_forwarded_headers),
-                ("add_forwarded_header", proxy.add_forwarded_header),
-            ]
+        *toml_lines(
+            http_port=proxy.http_port,
+            max_connections=proxy.max_connections,
+            max_request_head_bytes=proxy.max_request_head_bytes,
+            request_head_timeout=proxy.request_head_timeout_seconds,
+            allowed_sources=proxy.allowed_sources or None,
+            trust_forwarded_headers=proxy.trust_forwarded_headers,
+            add_forwarded_header=proxy.add_forwarded_header,
         ),
     ]
 
@@ -639,37 +520,31 @@ def render_service(service: ServiceConfig) -> list[str]:
     lines = [
         "",
         "[[service]]",
-        *_toml_lines(
-            [
-                ("name", service.name),
-                ("protocol", service.protocol),
-                ("hosts", http_only(service.hosts)),
-                ("path_prefix", http_only(service.path_prefix)),
-                ("upstream", service.upstream),
-                ("listen_port", None if http else service.listen_port),
-                ("host_rewrite", http_only(service.host_rewrite)),
-                ("connect_timeout", service.connect_timeout_seconds),
-                ("response_timeout", http_only(service.response_timeout_seconds)),
-                ("idle_timeout", service.idle_timeout_seconds),
-                ("max_idle_upstream_connections", http_only(service.max_idle_upstream_connections)),
-            ]
+        *toml_lines(
+            name=service.name,
+            protocol=service.protocol,
+            hosts=http_only(service.hosts),
+            path_prefix=http_only(service.path_prefix),
+            upstream=service.upstream,
+            listen_port=None if http else service.listen_port,
+            host_rewrite=http_only(service.host_rewrite),
+            connect_timeout=service.connect_timeout_seconds,
+            response_timeout=http_only(service.response_timeout_seconds),
+            idle_timeout=service.idle_timeout_seconds,
+            max_idle_upstream_connections=http_only(service.max_idle_upstream_connections),
         ),
     ]
     if (header := service.require_header) is not None:
         lines.append("[service.require_header]")
-        lines += _toml_lines(
-            [("name", header.name), ("value_file", header.value_file), ("forward", header.forward)]
-        )
+        lines += toml_lines(name=header.name, value_file=header.value_file, forward=header.forward)
     if service.upstream.scheme == "https":
         tls = service.tls
         lines.append("[service.tls]")
-        lines += _toml_lines(
-            [
-                ("ca_file", tls.ca_file),
-                ("client_cert_file", tls.client_cert_file),
-                ("client_key_file", tls.client_key_file),
-                ("server_name", tls.server_name),
-                ("verify", tls.verify),
-            ]
+        lines += toml_lines(
+            ca_file=tls.ca_file,
+            client_cert_file=tls.client_cert_file,
+            client_key_file=tls.client_key_file,
+            server_name=tls.server_name,
+            verify=tls.verify,
         )
     return lines

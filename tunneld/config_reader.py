@@ -5,10 +5,15 @@ the reads here never raise: ``Table`` converts a value to the type the caller as
 what is wrong in the shared ``Context``, and returns a fallback so that validation goes on.
 Nothing here knows which sections or keys tunneld has.
 
-A value that came from an environment variable is still the variable's string (``Context``
-remembers which variable set which key path); the typed reads parse it: comma-separated lists,
-decimal or 0x-hex integers. A problem is reported against the variable when one set the value,
-else against the key path in the file.
+The typed reads are ``Table``'s methods: strings, integers, booleans, durations in seconds,
+file paths (``file_path`` resolves relative ones), lists of strings, and sub-tables. A value that
+came from an environment variable is still the variable's string (``Context`` remembers which
+variable set which key path); the typed reads parse it: comma-separated lists, decimal or 0x-hex
+integers, true/false/1/0, seconds as decimals. A problem is reported against the variable when
+one set the value, else against the key path in the file.
+
+``toml_value`` and ``toml_lines`` write values back as TOML that these reads accept, for
+``render_config``.
 
 Only the file itself is fatal at once (``read_toml_file`` raises ``ConfigError``): without it
 there is nothing to validate. It must be a regular file of at most ``MAX_FILE_BYTES``, so that a
@@ -25,7 +30,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +41,12 @@ KeyPath = tuple[str | int, ...]
 
 #: A config file is a few kilobytes; anything this large is the wrong file.
 MAX_FILE_BYTES = 1 << 20
+#: The longest duration ``Table.seconds`` accepts: bounds typos such as milliseconds as seconds.
+MAX_SECONDS = 365 * 86400
 
 _ENV_INT_RE = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")
+_ENV_SECONDS_RE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+_ENV_BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
 
 _FILE_TYPES = {
     stat.S_IFDIR: "a directory",
@@ -146,6 +155,55 @@ def env_name(path: KeyPath) -> str:
     return "_".join(str(part).upper() for part in ("TUNNELD", *path))
 
 
+# --- rendered TOML --------------------------------------------------------------------------
+
+
+def toml_value(value: object) -> str:
+    """``value`` as rendered TOML: a tuple as an array of strings, a whole float as an integer
+    (``Table.seconds`` reads either), a value of any other type as the string ``str(value)``.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(quote(str(item)) for item in value) + "]"
+    return quote(str(value))
+
+
+def toml_lines(**values: object) -> list[str]:
+    """``key = value`` lines in argument order, values as ``toml_value`` renders them.
+
+    A None value is left out.
+    """
+    return [f"{key} = {toml_value(value)}" for key, value in values.items() if value is not None]
+
+
+# --- file paths -----------------------------------------------------------------------------
+
+
+def file_path(text: str, relative_to: Path | None) -> Path:
+    """``text`` as a file path, a relative one resolved against ``relative_to``.
+
+    ``relative_to`` is None when the working directory, which it would have been, no longer
+    exists: then only an absolute path will do. ``ValueError`` says what is wrong, as a problem.
+    """
+    if not text:
+        raise ValueError("must not be empty; expected a file path")
+    if "\0" in text:  # no file has one; os.open() would raise ValueError, not OSError
+        raise ValueError(f"{quote(text)} contains a NUL character")
+    if Path(text).is_absolute():
+        return Path(text)
+    if relative_to is None:
+        raise ValueError(
+            f"{quote(text)} is relative, but the working directory it would be relative to "
+            "no longer exists; use an absolute path"
+        )
+    return relative_to / text
+
+
 # --- problem collection and typed reads -----------------------------------------------------
 
 
@@ -210,6 +268,13 @@ class Table:
         self.problem(key, f"expected a string, got {describe(value)}")
         return None
 
+    def required_text(self, key: str, expected: str) -> str | None:
+        """A string that must be set; None if it is missing or not a string (both reported)."""
+        value = self.optional_text(key)
+        if value is None and key not in self.raw:
+            self.missing(key, expected)
+        return value
+
     def text(self, key: str, default: str) -> str:
         value = self.optional_text(key)
         return default if value is None else value
@@ -235,6 +300,58 @@ class Table:
     def integer(self, key: str, default: int, low: int, high: int) -> int:
         value = self.optional_integer(key, low, high)
         return default if value is None else value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        env_text = self._env_text(key, value)
+        if env_text is not None:
+            parsed = _ENV_BOOLEANS.get(env_text.strip().lower())
+            if parsed is None:
+                self.problem(key, f"{quote(env_text)} is not a boolean (true, false, 1 or 0)")
+                return default
+            return parsed
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.problem(key, f"expected true or false, got {describe(value)}")
+            return default
+        return value
+
+    def seconds(self, key: str, default: float) -> float:
+        """A duration in seconds, integer or float, more than 0 and at most ``MAX_SECONDS``."""
+        value = self._get(key)
+        env_text = self._env_text(key, value)
+        shown = str(value)
+        if env_text is not None:
+            shown = env_text.strip()
+            if not _ENV_SECONDS_RE.fullmatch(shown):
+                self.problem(key, f"{quote(env_text)} is not a number of seconds, e.g. 10 or 0.5")
+                return default
+            value = float(shown)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(key, f"expected a number of seconds, got {describe(value)}")
+            return default
+        if not 0 < value <= MAX_SECONDS:  # also refuses nan and inf
+            self.problem(
+                key,
+                f"{shown} is out of range (expected seconds, more than 0 and at most "
+                f"{MAX_SECONDS})",
+            )
+            return default
+        return float(value)
+
+    def optional_file(self, key: str, relative_to: Path | None) -> Path | None:
+        """A file path; a relative one is resolved as ``file_path`` does."""
+        text = self.optional_text(key)
+        if text is None:
+            return None
+        try:
+            return file_path(text, relative_to)
+        except ValueError as exc:
+            self.problem(key, str(exc))
+            return None
 
     def strings(self, key: str, expected: str) -> list[tuple[KeyPath, str]]:
         """A required, non-empty list of strings, each with its own key path."""
@@ -266,6 +383,15 @@ class Table:
         self.problem(key, f"expected a table [{key}], got {describe(value)}")
         return {}
 
+    def sub_table(self, key: str) -> Table | None:
+        """The sub-table ``[key]`` to read through; None if absent or not a table (reported)."""
+        if key not in self.raw:
+            self.known.append(key)
+            return None
+        is_table = isinstance(self.raw[key], dict)
+        raw = self.table(key)  # reports a value that is not a table
+        return Table(self.ctx, (*self.path, key), raw) if is_table else None
+
     def tables(self, key: str) -> list[dict[str, object]]:
         """The array of tables ``[[key]]``; empty if absent or not an array of tables."""
         value = self._get(key)
@@ -275,6 +401,13 @@ class Table:
             return value
         self.problem(key, f"expected an array of tables [[{key}]], got {describe(value)}")
         return []
+
+    def refuse(self, keys: Iterable[str], message: str) -> None:
+        """Report each of ``keys`` that is set with ``message``: they do not apply here."""
+        for key in keys:
+            if key in self.raw:
+                self.known.append(key)
+                self.problem(key, message)
 
     def done(self) -> None:
         """Report every key that no read asked for: a typo must not pass silently."""
