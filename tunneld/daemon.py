@@ -15,6 +15,7 @@ import trio
 from tunneld import keys
 from tunneld.config import Config
 from tunneld.preflight import interface_lock, require_net_admin
+from tunneld.proxy.server import Proxy, load_service_secrets
 from tunneld.tunnel import Tunnel, load_tunnel_keys
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ async def _run_locked(config: Config) -> None:
     tunnel_keys = await trio.to_thread.run_sync(
         lambda: load_tunnel_keys(config, create_missing=True)
     )
+    secrets = await trio.to_thread.run_sync(load_service_secrets, config)
     log.info(
         "tunneld starting: interface %s, public key %s",
         config.interface.name,
@@ -50,5 +52,7 @@ async def _run_locked(config: Config) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, nursery.cancel_scope)
         await nursery.start(Tunnel(config, tunnel_keys).run)
+        if config.services:  # listeners need the interface and its addresses: after the tunnel
+            await nursery.start(Proxy(config, secrets).run)
         log.info("tunneld is running")
     log.info("tunneld stopped")

@@ -115,8 +115,9 @@ class Topology:
         run("ip", "-n", ns, "link", "set", self.gateway_ifname, "up")
 
     def write_config(
-        self, endpoint: str = f"{GATEWAY_UNDERLAY}:{GATEWAY_PORT}", **extra: str
+        self, endpoint: str = f"{GATEWAY_UNDERLAY}:{GATEWAY_PORT}", services: str = "", **extra: str
     ) -> None:
+        """The connector's config; ``extra`` adds [interface] keys, ``services`` is appended."""
         interface_extra = "".join(f"{key} = {value}\n" for key, value in extra.items())
         self.config_file.write_text(
             textwrap.dedent(
@@ -138,6 +139,7 @@ class Topology:
                 persistent_keepalive = 1
                 """
             )
+            + services
         )
 
     # -- the connector ----------------------------------------------------------------------
