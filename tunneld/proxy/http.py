@@ -197,6 +197,11 @@ class HttpProxy:
         finally:
             await trio.aclose_forcefully(stream)
 
+    async def sweep_pools(self) -> None:
+        """Drop idle origin connections that expired or were closed by the origin."""
+        for service in self._services.values():
+            await service.pool.sweep()
+
     async def aclose(self) -> None:
         """Close the pooled origin connections (in-use ones close when their request ends)."""
         for service in self._services.values():

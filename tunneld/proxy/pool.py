@@ -131,6 +131,22 @@ class UpstreamPool:
             await self._idle.popleft().aclose()
         await self._close_expired(now - self._service.idle_timeout_seconds)
 
+    async def sweep(self) -> None:
+        """Close idle connections past ``idle_timeout`` or that the origin has closed.
+
+        Without this, an origin's close leaves our end in CLOSE_WAIT until the next request
+        for this service comes along, which on a quiet service may be never.
+        """
+        await self._close_expired(trio.current_time() - self._service.idle_timeout_seconds)
+        alive: deque[UpstreamConnection] = deque()
+        while self._idle:
+            conn = self._idle.popleft()
+            if conn.looks_alive():
+                alive.append(conn)
+            else:
+                await conn.aclose()
+        self._idle = alive
+
     async def _close_expired(self, deadline: float) -> None:
         idle = self._idle
         while idle and idle[0].idle_since < deadline:

@@ -24,6 +24,8 @@ from tunneld.wireguard.model import IPNetwork
 
 log = logging.getLogger(__name__)
 
+POOL_SWEEP_INTERVAL_SECONDS = 5.0
+
 
 def load_service_secrets(config: Config) -> dict[str, bytes]:
     """The shared-secret header values by service name, read from their 0600 files."""
@@ -89,11 +91,17 @@ class Proxy:
                     log.info(
                         "TCP service %s listening on port %d", service.name, service.listen_port
                     )
+                nursery.start_soon(self._sweep_pools)
                 task_status.started()
         finally:
             with trio.move_on_after(5) as scope:
                 scope.shield = True
                 await self.http.aclose()
+
+    async def _sweep_pools(self) -> None:
+        while True:
+            await trio.sleep(POOL_SWEEP_INTERVAL_SECONDS)
+            await self.http.sweep_pools()
 
 
 def _tcp_handler(service: ServiceConfig) -> Callable[[trio.SocketStream, str], Awaitable[None]]:
