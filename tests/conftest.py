@@ -20,31 +20,32 @@ def missing_root_prerequisites() -> list[str]:
     missing = []
     if os.geteuid() != 0:
         missing.append("root (network namespaces and WireGuard devices need it)")
-    for tool in ("ip", "wg", "wireguard-go", "setpriv"):
-        if shutil.which(tool) is None:
-            missing.append(
-                f"the `{tool}` command (apt-get install --no-install-recommends "
-                "iproute2 wireguard-tools wireguard-go util-linux)"
-            )
+    tools = [tool for tool in ("ip", "wg", "wireguard-go", "setpriv") if shutil.which(tool) is None]
+    if tools:
+        missing.append(
+            f"the commands {', '.join(tools)} (scripts/bootstrap installs them: iproute2 "
+            "wireguard-tools wireguard-go util-linux)"
+        )
     if not Path("/dev/net/tun").exists():
         missing.append("/dev/net/tun")
     return missing
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Outside CI, skip root tests on a machine that cannot run them (saying why)."""
     missing = missing_root_prerequisites()
-    if not missing:
+    if not missing or IN_CI:
         return
     reason = "missing prerequisites: " + "; ".join(missing)
     for item in items:
-        if item.get_closest_marker("root") is None:
-            continue
-        if IN_CI:
-            item.add_marker(pytest.mark.usefixtures("_fail_missing_prerequisites"))
-        else:
+        if item.get_closest_marker("root") is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-@pytest.fixture
-def _fail_missing_prerequisites() -> None:
-    pytest.fail("CI=true and " + "; ".join(missing_root_prerequisites()), pytrace=False)
+@pytest.fixture(autouse=True)
+def _root_prerequisites_in_ci(request: pytest.FixtureRequest) -> None:
+    """Under CI=true a root test on a machine without its prerequisites fails, loudly."""
+    if IN_CI and request.node.get_closest_marker("root") is not None:
+        missing = missing_root_prerequisites()
+        if missing:
+            pytest.fail("CI=true and missing prerequisites: " + "; ".join(missing), pytrace=False)

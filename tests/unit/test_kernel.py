@@ -929,3 +929,22 @@ def test_info_refuses_an_empty_or_malformed_reply(stub_pyroute2: Any) -> None:
     with pytest.raises(BackendError, match="could not understand") as caught:
         PyrouteNetlink().wg_info(IFNAME)
     assert b64encode(PRIVATE).decode() not in str(caught.value)
+
+
+def test_many_allowed_ips_are_split_over_messages_that_each_fit(encoding_wireguard: Any) -> None:
+    # 5000 /32s would need ~140 KiB in one attribute whose length field stops at 64 KiB.
+    networks = tuple(
+        ipaddress.ip_network(f"10.{index // 65536}.{index // 256 % 256}.{index % 256}/32")
+        for index in range(5000)
+    )
+    PyrouteNetlink().wg_set_peer(IFNAME, gateway_peer(allowed_ips=networks))
+    requests = encoding_wireguard.requests
+    assert len(requests) == 5
+    sent_ips: list[str] = []
+    for index, request in enumerate(requests):
+        (sent,) = request.get_attr("WGDEVICE_A_PEERS")
+        assert key_of(sent.get_attr("WGPEER_A_PUBLIC_KEY")) == GATEWAY
+        replaces = sent.get_attr("WGPEER_A_FLAGS") == WGPEER_F_REPLACE_ALLOWEDIPS
+        assert replaces == (index == 0)  # the first message replaces, the rest append
+        sent_ips += [a["addr"] for a in sent.get_attr("WGPEER_A_ALLOWEDIPS")]
+    assert sent_ips == [str(network) for network in networks]

@@ -36,6 +36,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import struct
 from base64 import b64decode, b64encode
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -127,6 +128,10 @@ class PyrouteNetlink:
 
     #: Reads of a device dump before giving up when the kernel keeps flagging it as interrupted.
     DUMP_ATTEMPTS = 3
+    #: A peer's allowed IPs travel in one netlink attribute, whose 16-bit length caps it at
+    #: 64 KiB: ~2300 IPv4 or ~1600 IPv6 entries. Larger sets go in several messages, as wg(8)
+    #: does: the first replaces, the later ones append.
+    ALLOWED_IPS_PER_MESSAGE = 1000
 
     # -- rtnetlink ---------------------------------------------------------------------------
 
@@ -186,13 +191,15 @@ class PyrouteNetlink:
             )
 
     def wg_set_peer(self, ifname: str, peer: PeerConfig) -> None:
+        allowed_ips = [str(network) for network in peer.allowed_ips]
+        chunk = self.ALLOWED_IPS_PER_MESSAGE
         spec: dict[str, Any] = {
             "public_key": _b64(peer.public_key),
             # The kernel stores whatever key it is given; all zeros means "none" (as `wg` does).
             "preshared_key": _b64(peer.preshared_key or _ZERO_KEY),
             "persistent_keepalive": peer.persistent_keepalive_seconds,
             "replace_allowed_ips": True,
-            "allowed_ips": [str(network) for network in peer.allowed_ips],
+            "allowed_ips": allowed_ips[:chunk],
         }
         if peer.endpoint is not None:
             spec["endpoint_addr"] = str(peer.endpoint.address)
@@ -202,6 +209,13 @@ class PyrouteNetlink:
             WireGuard() as wg,
         ):
             wg.set(ifname, peer=spec)
+            # The rest in further messages: without replace_allowed_ips the kernel appends.
+            for start in range(chunk, len(allowed_ips), chunk):
+                more = {
+                    "public_key": spec["public_key"],
+                    "allowed_ips": allowed_ips[start : start + chunk],
+                }
+                wg.set(ifname, peer=more)
 
     def wg_remove_peer(self, ifname: str, public_key: bytes) -> None:
         spec = {"public_key": _b64(public_key), "remove": True}
@@ -260,6 +274,8 @@ class PyrouteNetlink:
             raise cls._translate(
                 NetlinkError(exc.errno or 0, exc.strerror), operation, wireguard=wireguard
             ) from exc
+        except (struct.error, ValueError) as exc:  # pyroute2 could not encode the request
+            raise BackendError(f"{operation}: could not encode the netlink request: {exc}") from exc
 
     @classmethod
     def _parse_info(cls, messages: Sequence[Any], operation: str) -> DeviceStats:
