@@ -215,6 +215,7 @@ def test_100_mb_download_and_upload_intact_with_bounded_memory(proxied: Proxied)
     connection.close()
 
     peak = proxied.daemon_peak_rss_bytes()
+    print(f"100 MB down + 100 MB up intact; tunneld peak RSS {peak / 2**20:.1f} MiB")
     assert peak < 100 * 1024 * 1024, f"tunneld peaked at {peak / 2**20:.1f} MiB"
 
 
@@ -274,6 +275,7 @@ def test_keep_alive_reuses_upstream_connections(proxied: Proxied) -> None:
     connection.close()
     new_connections = counter("/connections") - connections_before
     assert counter("/requests") - requests_before >= 1000
+    print(f"1000 keep-alive requests opened {new_connections} new upstream connection(s)")
     assert new_connections <= 2, f"1000 requests opened {new_connections} upstream connections"
 
 
@@ -452,4 +454,6 @@ def test_ten_thousand_connections_opened_and_dropped(proxied: Proxied) -> None:
         lambda: proxied.daemon_fds() <= baseline + 2,
         timeout=30,
     )
+    after = proxied.daemon_fds()
+    print(f"10,000 connections opened and dropped; tunneld fds {baseline} before, {after} after")
     proxied.assert_healthy()
