@@ -38,6 +38,10 @@ def test_handshake_reachability_and_status(topology: Topology) -> None:
     assert second["receive_bytes"] > first["receive_bytes"]
     assert second["transmit_bytes"] > first["transmit_bytes"]
     assert second["handshake_age_seconds"] < 10
+    print(
+        f"handshake age {second['handshake_age_seconds']:.1f}s; rx {first['receive_bytes']} → "
+        f"{second['receive_bytes']} B, tx {first['transmit_bytes']} → {second['transmit_bytes']} B"
+    )
 
     status = topology.status()
     assert status["backend"] == "userspace"
