@@ -18,9 +18,12 @@ Key files are never read here: ``KeySource`` only says where a key lives; ``keys
 ``HostPort``, the endpoint syntax that ``config_proxy`` shares, lives in ``host_port``; it is
 re-exported here, where most callers import it from.
 
-To add a section (``[health]``, ``[metrics]``): a dataclass, a function ``_health(ctx, raw)``
-that reads it through ``Table`` (in a module of its own if it is large, like ``config_proxy``), a
-call in ``_config``, a field of ``Config``, a block in ``render_config``; list it in
+``[health]`` is read before the gateways (``config_health``): each gateway's ``probe_address``
+is checked against the probe it configures.
+
+To add a section (``[metrics]``): a dataclass, a function ``_metrics(ctx, raw)`` that reads it
+through ``Table`` (in a module of its own if it is large, like ``config_proxy``), a call in
+``_config``, a field of ``Config``, a block in ``render_config``; list it in
 ``_ENV_TABLES``/``_ENV_ARRAYS`` for env access.
 """
 
@@ -38,6 +41,14 @@ from pathlib import Path
 from typing import Literal, cast, get_args
 
 from tunneld import keys
+from tunneld.config_health import (
+    HealthConfig,
+    check_handshake_only,
+    read_health,
+    read_probe_address,
+    render_health,
+    render_probe_address,
+)
 from tunneld.config_proxy import (
     ProxyConfig,
     ServiceConfig,
@@ -59,7 +70,7 @@ from tunneld.config_reader import (
 )
 from tunneld.errors import ConfigError
 from tunneld.host_port import HostPort as HostPort  # re-exported: callers import it from here
-from tunneld.wireguard.model import IPNetwork
+from tunneld.wireguard.model import IPAddress, IPNetwork
 
 BackendChoice = Literal["auto", "kernel", "userspace"]
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -78,7 +89,7 @@ MTU_MIN, MTU_MAX = 1280, 65535
 # Sections reachable from the environment: [table] ← TUNNELD_TABLE_<KEY>,
 # [[array]] ← TUNNELD_ARRAY_<N>_<KEY>, a sub-table of an entry ← TUNNELD_ARRAY_<N>_<SUB>_<KEY>
 # (no key of those entries starts with a sub-table's name and "_").
-_ENV_TABLES = ("interface", "proxy")
+_ENV_TABLES = ("interface", "health", "proxy")
 _ENV_ARRAYS = ("gateway", "service")
 _ENV_SUBTABLES = {"service": ("require_header", "tls")}
 
@@ -125,6 +136,8 @@ class GatewayConfig:
     allowed_ips: tuple[IPNetwork, ...]
     persistent_keepalive_seconds: int = 25
     preshared_key: KeySource | None = None
+    # Probed through the tunnel (health.probe); None: judged by its handshake alone.
+    probe_address: IPAddress | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,7 @@ class Config:
     source: str  # the file path as given, or "environment"
     interface: InterfaceConfig
     gateways: tuple[GatewayConfig, ...]
+    health: HealthConfig = field(default_factory=HealthConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     services: tuple[ServiceConfig, ...] = ()
 
@@ -232,7 +246,14 @@ def _addresses(table: Table) -> tuple[IPInterface, ...]:
     return tuple(addresses)
 
 
-def _gateway(ctx: Context, key_dirs: _KeyDirs, index: int, raw: dict[str, object]) -> GatewayConfig:
+def _gateway(
+    ctx: Context,
+    key_dirs: _KeyDirs,
+    health: HealthConfig,
+    interface: InterfaceConfig,
+    index: int,
+    raw: dict[str, object],
+) -> GatewayConfig:
     table = Table(ctx, ("gateway", index), raw)
     name = table.text("name", f"gateway-{index}")
     if not _GATEWAY_NAME_RE.fullmatch(name):
@@ -253,8 +274,12 @@ def _gateway(ctx: Context, key_dirs: _KeyDirs, index: int, raw: dict[str, object
     allowed_ips = _allowed_ips(table)
     keepalive = table.integer("persistent_keepalive", 25, 0, 65535)
     preshared_key = _key_source(table, key_dirs, "preshared_key")
+    probe_address = read_probe_address(table, health, allowed_ips, interface.addresses)
+    check_handshake_only(table, health, keepalive)
     table.done()
-    return GatewayConfig(name, public_key, tuple(endpoints), allowed_ips, keepalive, preshared_key)
+    return GatewayConfig(
+        name, public_key, tuple(endpoints), allowed_ips, keepalive, preshared_key, probe_address
+    )
 
 
 def _allowed_ips(table: Table) -> tuple[IPNetwork, ...]:
@@ -306,8 +331,11 @@ def _check_gateways(ctx: Context, gateways: tuple[GatewayConfig, ...]) -> None:
 def _config(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Config:
     root = Table(ctx, (), raw)
     interface = _interface(ctx, key_dirs, root.table("interface"))
+    health = read_health(ctx, root.table("health"))
     tables = root.tables("gateway")
-    gateways = tuple(_gateway(ctx, key_dirs, i, table) for i, table in enumerate(tables))
+    gateways = tuple(
+        _gateway(ctx, key_dirs, health, interface, i, table) for i, table in enumerate(tables)
+    )
     if not gateways and isinstance(raw.get("gateway", []), list):  # else: the type is reported
         ctx.add(("gateway",), "missing; at least one [[gateway]] table is required")
     _check_gateways(ctx, gateways)
@@ -319,7 +347,7 @@ def _config(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Config:
     )
     check_services(ctx, proxy, services)
     root.done()
-    return Config(ctx.label, interface, gateways, proxy, services)
+    return Config(ctx.label, interface, gateways, health, proxy, services)
 
 
 # --- environment and load_config ------------------------------------------------------------
@@ -470,6 +498,8 @@ def render_config(config: Config) -> str:
         ]
         if gateway.preshared_key is not None:
             lines += _render_key_source("preshared_key", gateway.preshared_key)
+        lines.append(render_probe_address(gateway.probe_address))
+    lines += render_health(config.health)
     lines += render_proxy(config.proxy)
     for service in config.services:
         lines += render_service(service)

@@ -97,6 +97,7 @@ class ProxyConfig:
     allowed_sources: tuple[IPNetwork, ...] = ()
     trust_forwarded_headers: bool = False  # keep X-Forwarded-* from the gateway and append to them
     add_forwarded_header: bool = False  # also set RFC 7239 Forwarded
+    shutdown_grace_seconds: float = 30.0  # on SIGTERM, in-flight requests get this long
 
 
 # --- limits and vocabulary ------------------------------------------------------------------
@@ -161,6 +162,7 @@ def read_proxy(
         allowed_sources=_allowed_sources(table, gateway_networks),
         trust_forwarded_headers=table.boolean("trust_forwarded_headers", False),
         add_forwarded_header=table.boolean("add_forwarded_header", False),
+        shutdown_grace_seconds=table.seconds("shutdown_grace", defaults.shutdown_grace_seconds),
     )
     table.done()
     return proxy
@@ -506,6 +508,7 @@ def render_proxy(proxy: ProxyConfig) -> list[str]:
             allowed_sources=proxy.allowed_sources or None,
             trust_forwarded_headers=proxy.trust_forwarded_headers,
             add_forwarded_header=proxy.add_forwarded_header,
+            shutdown_grace=proxy.shutdown_grace_seconds,
         ),
     ]
 

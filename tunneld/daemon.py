@@ -2,7 +2,11 @@
 
 Start-up order is explicit: privilege, the interface lock and keys are checked before anything
 touches the network; signal handling is installed before the tunnel starts (so a SIGTERM during
-bring-up still tears down); and ``run`` returns only after the tunnel's teardown has finished.
+bring-up still tears down); the proxy starts once the interface exists.
+
+Shutdown is a drain: the first SIGTERM/SIGINT closes the listeners, lets open connections finish
+within ``proxy.shutdown_grace``, then cancels everything; the tunnel's teardown runs shielded
+under its own deadline. A second signal skips the wait.
 """
 
 from __future__ import annotations
@@ -21,15 +25,23 @@ from tunneld.tunnel import Tunnel, load_tunnel_keys
 log = logging.getLogger(__name__)
 
 
-async def _stop_on_signal(
-    cancel_scope: trio.CancelScope, task_status: trio.TaskStatus[None]
+async def _watch_signals(
+    shutdown: trio.Event,
+    cancel_scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """The first SIGTERM/SIGINT starts a graceful shutdown; a second one exits at once."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
         async for signum in signals:
-            log.info("received %s; shutting down", signal.Signals(signum).name)
-            cancel_scope.cancel()
-            return
+            name = signal.Signals(signum).name
+            if shutdown.is_set():
+                log.warning("received %s again; stopping now without waiting", name)
+                cancel_scope.cancel()
+                return
+            log.info("received %s; draining, then shutting down", name)
+            shutdown.set()
 
 
 async def run(config: Config) -> None:
@@ -49,10 +61,19 @@ async def _run_locked(config: Config) -> None:
         config.interface.name,
         keys.encode_key(keys.public_key(tunnel_keys.private_key)),
     )
+    tunnel = Tunnel(config, tunnel_keys)
+    proxy = Proxy(config, secrets) if config.services else None
+    shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        await nursery.start(_stop_on_signal, nursery.cancel_scope)
-        await nursery.start(Tunnel(config, tunnel_keys).run)
-        if config.services:  # listeners need the interface and its addresses: after the tunnel
-            await nursery.start(Proxy(config, secrets).run)
+        await nursery.start(_watch_signals, shutdown, nursery.cancel_scope)
+        await nursery.start(tunnel.run)
+        if proxy is not None:  # listeners need the interface and its addresses: after the tunnel
+            await nursery.start(proxy.run, tunnel)
         log.info("tunneld is running")
+        await shutdown.wait()
+        if proxy is not None:
+            grace = config.proxy.shutdown_grace_seconds
+            if not await proxy.drain(grace):
+                log.warning("connections still open after %gs; closing them", grace)
+        nursery.cancel_scope.cancel()  # the tunnel tears the interface down (bounded, shielded)
     log.info("tunneld stopped")

@@ -24,7 +24,7 @@ import trio
 from tunneld import keys
 from tunneld.backoff import Backoff
 from tunneld.config import Config, GatewayConfig, HostPort
-from tunneld.errors import TunneldError
+from tunneld.errors import TunneldError, principal_error
 from tunneld.wireguard.device import Device, open_device
 from tunneld.wireguard.links import LinkPlan, converge_link, routes_needed
 from tunneld.wireguard.model import DeviceConfig, Endpoint, PeerConfig
@@ -118,6 +118,9 @@ class Tunnel:
         self.config = config
         self._keys = tunnel_keys
         self._watches = {gateway.name: _GatewayWatch(endpoint=None) for gateway in config.gateways}
+        self.generation = 0  # how many times the interface has been built
+        self.repairs = 0  # how many times it had to be rebuilt
+        self._generation_changed = trio.Event()
 
     @property
     def ifname(self) -> str:
@@ -168,19 +171,56 @@ class Tunnel:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Bring the tunnel up, report started, keep it configured until cancelled; tear down."""
+        """Bring the tunnel up, report started, keep it up until cancelled; tear down.
+
+        A device that is lost — the interface deleted, the userspace implementation dead — is
+        rebuilt with backoff; only errors a person must fix (exit code 2: permissions, a missing
+        WireGuard implementation) end the loop.
+        """
         interface = self.config.interface
-        async with open_device(
-            interface.name, interface.backend, interface.userspace_binary
-        ) as device:
-            await self.bring_up(device)
-            task_status.started()
-            while True:
-                await trio.sleep(WATCH_INTERVAL_SECONDS)
-                await self.watch_once(device)
+        backoff = Backoff()
+        while True:
+            try:
+                async with open_device(
+                    interface.name, interface.backend, interface.userspace_binary
+                ) as device:
+                    await self.bring_up(device)
+                    backoff.reset()
+                    self._new_generation()
+                    if self.generation == 1:
+                        task_status.started()
+                    while True:
+                        await trio.sleep(WATCH_INTERVAL_SECONDS)
+                        await self.watch_once(device)
+            except Exception as exc:
+                error = principal_error(exc)
+                if error is None or error.exit_code == 2:
+                    raise
+                delay = backoff.next_delay()
+                log.warning(
+                    "interface %s lost (%s); rebuilding in %.1fs", self.ifname, error, delay
+                )
+                self.repairs += 1
+            await trio.sleep(delay)
+
+    def _new_generation(self) -> None:
+        self.generation += 1
+        self._generation_changed.set()
+        self._generation_changed = trio.Event()
+
+    async def wait_for_new_interface(self, generation: int) -> None:
+        """Return once the interface has been (re)built after ``generation``.
+
+        Sockets bound to the old device (SO_BINDTODEVICE holds an ifindex) are dead then.
+        """
+        while self.generation <= generation:
+            await self._generation_changed.wait()
 
     async def watch_once(self, device: Device) -> None:
-        """One tick: retry unresolved endpoints, then log handshake progress."""
+        """One tick: repair the link, retry unresolved endpoints, log handshake progress."""
+        # Idempotent, and cheap enough every tick: puts back an address, route or link state
+        # that someone removed; raises when the interface itself is gone (→ rebuild).
+        await converge_link(self.ifname, self.link_plan())
         changed = False
         now = trio.current_time()
         for gateway in self.config.gateways:

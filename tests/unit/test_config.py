@@ -155,6 +155,7 @@ preshared_key_file = "edge-1.psk"
 public_key = "{KEY_B}"
 endpoints = ["gw2.example.net.:4500"]
 allowed_ips = ["10.44.1.0/24"]
+probe_address = "10.44.1.1"
 """)
     assert load_config(path, environ={}) == Config(
         source="tunneld.toml",
@@ -186,12 +187,14 @@ allowed_ips = ["10.44.1.0/24"]
                 ),
                 persistent_keepalive_seconds=15,
                 preshared_key=KeySource(isolated / "edge-1.psk"),
+                probe_address=ipaddress.IPv4Address("10.44.0.1"),  # the first /32
             ),
             GatewayConfig(
                 name="gateway-1",
                 public_key=bytes(range(100, 132)),
                 endpoints=(HostPort("gw2.example.net.", 4500),),
                 allowed_ips=(ipaddress.IPv4Network("10.44.1.0/24"),),
+                probe_address=ipaddress.IPv4Address("10.44.1.1"),
             ),
         ),
     )
@@ -541,8 +544,11 @@ def test_interface_of_the_wrong_type() -> None:
 
 
 def test_unknown_section() -> None:
+    assert problems(write(extra="[metrics]\nlisten = '127.0.0.1:9477'\n")) == [
+        "tunneld.toml: metrics: unknown key"
+    ]
     assert problems(write(extra="[helth]\nprobe = 'icmp'\n")) == [
-        "tunneld.toml: helth: unknown key"
+        'tunneld.toml: helth: unknown key; did you mean "health"?'
     ]
     assert problems(write(extra="[gateways]\n")) == [
         'tunneld.toml: gateways: unknown key; did you mean "gateway"?'
@@ -566,7 +572,11 @@ def test_default_gateway_name_can_collide_with_an_explicit_one() -> None:
 
 
 def test_allowed_ips_overlapping_between_gateways() -> None:
-    second = {"public_key": KEY_B, "allowed_ips": ["fd44::/64", "10.44.0.0/24"]}
+    second = {
+        "public_key": KEY_B,
+        "allowed_ips": ["fd44::/64", "10.44.0.0/24"],
+        "probe_address": "fd44::1",
+    }
     assert problems(write(gateways=[{"allowed_ips": ["10.44.0.1/32", "fd45::1"]}, second])) == [
         "tunneld.toml: gateway[1].allowed_ips: 10.44.0.0/24 overlaps 10.44.0.1/32 of gateway[0];"
         " WireGuard routes an address to one peer only"
@@ -809,7 +819,8 @@ def test_unknown_environment_variables() -> None:
         "TUNNELD_METRICS_LISTEN": "127.0.0.1:9477",
     }
     forms = (
-        "TUNNELD_INTERFACE_<KEY>, TUNNELD_PROXY_<KEY>, TUNNELD_GATEWAY_<N>_<KEY>,"
+        "TUNNELD_INTERFACE_<KEY>, TUNNELD_HEALTH_<KEY>, TUNNELD_PROXY_<KEY>,"
+        " TUNNELD_GATEWAY_<N>_<KEY>,"
         f" TUNNELD_SERVICE_<N>_<KEY>, {', '.join(sorted(RESERVED_ENV))}"
     )
     assert problems(write(), environ) == [
@@ -853,6 +864,7 @@ def test_render_round_trip(isolated: Path) -> None:
             {
                 "public_key": KEY_B,
                 "allowed_ips": ["10.44.1.7/24"],
+                "probe_address": "10.44.1.7",
                 "preshared_key_file": "psk",
                 "persistent_keepalive": 0,
             },
@@ -916,8 +928,9 @@ VALID_GATEWAY: dict[str, list[Any]] = {
     "name": ["edge-1", "a.b_c"],
     "public_key": [KEY_B, base64.b64encode(bytes(32)).decode()],
     "endpoints": [["[::1]:1", "gw.example.:65535"], ["192.0.2.1:51820"]],
-    "allowed_ips": [["10.44.0.0/16"], ["fd44::1", "10.44.0.1/32"]],
+    "allowed_ips": [["10.44.0.0/16", "fd44::7"], ["fd44::1", "10.44.0.1/32"]],
     "persistent_keepalive": [0, 65535],
+    "probe_address": ["10.44.0.1"],  # inside every choice of allowed_ips
     "preshared_key_file": ["psk", "/run/psk"],
 }
 

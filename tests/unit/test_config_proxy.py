@@ -133,6 +133,7 @@ request_head_timeout = 2.5
 allowed_sources = ["10.44.0.1", "fd44::1/128"]
 trust_forwarded_headers = true
 add_forwarded_header = true
+shutdown_grace = 7.5
 
 [[service]]
 name = "billing"
@@ -181,6 +182,7 @@ upstream = "unix:/run/reports.sock"
         ),
         trust_forwarded_headers=True,
         add_forwarded_header=True,
+        shutdown_grace_seconds=7.5,
     )
     assert loaded.services == (
         ServiceConfig(
@@ -221,6 +223,7 @@ upstream = "unix:/run/reports.sock"
 def test_defaults() -> None:
     loaded = load_config(write(), environ={})
     assert loaded.proxy == ProxyConfig()
+    assert loaded.proxy.shutdown_grace_seconds == 30.0
     assert loaded.services == ()
     loaded = load_config(write([HTTP, TCP]), environ={})
     assert loaded.proxy == ProxyConfig()
@@ -593,6 +596,11 @@ PROXY_ERRORS = [
         "proxy.max_request_head_bytes: 512 is out of range (expected 1024–1048576)",
     ),
     ({"request_head_timeout": 0}, f"proxy.request_head_timeout: 0 is out of range {SECONDS}"),
+    ({"shutdown_grace": 0}, f"proxy.shutdown_grace: 0 is out of range {SECONDS}"),
+    (
+        {"shutdown_grace": "30s"},
+        'proxy.shutdown_grace: expected a number of seconds, got string "30s"',
+    ),
     (
         {"allowed_sources": ["10.44.0.0/24"]},
         "proxy.allowed_sources[0]: 10.44.0.0/24 is not inside any gateway's allowed_ips"
@@ -753,6 +761,7 @@ def test_environment_sets_proxy_and_services(isolated: Path) -> None:
         "TUNNELD_PROXY_ALLOWED_SOURCES": "10.44.0.1/32",
         "TUNNELD_PROXY_TRUST_FORWARDED_HEADERS": "TRUE",
         "TUNNELD_PROXY_ADD_FORWARDED_HEADER": "0",
+        "TUNNELD_PROXY_SHUTDOWN_GRACE": "90",
         "TUNNELD_SERVICE_0_NAME": "billing",
         "TUNNELD_SERVICE_0_HOSTS": "billing, *.billing.internal",
         "TUNNELD_SERVICE_0_UPSTREAM": "https://127.0.0.1:8443",
@@ -774,6 +783,7 @@ def test_environment_sets_proxy_and_services(isolated: Path) -> None:
         request_head_timeout_seconds=2.5,
         allowed_sources=(ipaddress.IPv4Network("10.44.0.1/32"),),
         trust_forwarded_headers=True,
+        shutdown_grace_seconds=90.0,
     )
     billing, pg = loaded.services
     assert billing.hosts == ("billing", "*.billing.internal")

@@ -597,6 +597,66 @@ async def test_chunked_upload_is_forwarded_chunked() -> None:
     assert answer.seen_headers()["transfer-encoding"] == "chunked"
 
 
+async def test_chunked_request_that_arrives_whole_goes_in_one_write() -> None:
+    with trio.fail_after(GUARD_SECONDS):
+        async with (
+            tcp_origin() as (_, upstream),
+            running_proxy([service("echo", upstream)]) as port,
+        ):
+            client = await Client.connect(port)
+            await client.send(
+                b"POST / HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n\r\n"
+            )
+            answer = await client.response()
+            assert (await client.request()).status == 200  # the connection was kept
+    assert answer.json()["length"] == 5
+    assert answer.seen_headers()["transfer-encoding"] == "chunked"
+
+
+async def test_response_timeout_runs_from_the_end_of_the_upload() -> None:
+    async def silent(stream: trio.abc.Stream, head: RequestHead, reader: EventReader) -> bool:
+        await read_body(reader)
+        await trio.sleep_forever()
+        return False  # pragma: no cover
+
+    with trio.fail_after(GUARD_SECONDS):
+        async with (
+            tcp_origin(silent) as (_, upstream),
+            running_proxy([service("echo", upstream, response_timeout_seconds=0.2)]) as port,
+        ):
+            client = await Client.connect(port)
+            started = trio.current_time()
+            await client.send(b"POST / HTTP/1.1\r\nHost: echo\r\nContent-Length: 3\r\n\r\n")
+            for byte in b"abc":  # the upload takes longer than the response timeout
+                await trio.sleep(0.15)
+                await client.send(bytes([byte]))
+            answer = await client.response()
+            elapsed = trio.current_time() - started
+    assert answer.status == 504
+    assert 0.6 < elapsed < 3
+
+
+async def test_origin_closing_during_an_upload_is_502_and_closes() -> None:
+    observer = Recorder()
+
+    async def hang_up(stream: trio.abc.Stream, head: RequestHead, reader: EventReader) -> bool:
+        return False
+
+    with trio.fail_after(GUARD_SECONDS):
+        async with (
+            tcp_origin(hang_up) as (_, upstream),
+            running_proxy([service("echo", upstream)], observer=observer) as port,
+        ):
+            client = await Client.connect(port)
+            await client.send(b"POST / HTTP/1.1\r\nHost: echo\r\nContent-Length: %d\r\n\r\n" % MiB)
+            await client.send(b"x" * 1000)
+            answer = await client.response()
+            assert await client.closed()
+    assert (answer.status, answer.headers["connection"]) == (502, "close")
+    assert observer.errors == [("echo", "closed")]
+
+
 async def test_early_answer_during_an_upload_is_relayed_and_closes() -> None:
     async def refuse(stream: trio.abc.Stream, head: RequestHead, reader: EventReader) -> bool:
         await stream.send_all(response(413, b"too big", ("Connection", "close")))
@@ -814,6 +874,24 @@ async def test_origin_stalling_mid_body_is_cut_after_idle_timeout() -> None:
             assert await client.closed()
             assert client.buffer == b"abc"
             assert 0.25 < trio.current_time() - started < 3
+
+
+async def test_switching_protocols_without_an_upgrade_request_is_502() -> None:
+    observer = Recorder()
+
+    async def upgrade(stream: trio.abc.Stream, head: RequestHead, reader: EventReader) -> bool:
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        )
+        return False
+
+    with trio.fail_after(GUARD_SECONDS):
+        async with (
+            tcp_origin(upgrade) as (_, upstream),
+            running_proxy([service("echo", upstream)], observer=observer) as port,
+        ):
+            assert (await get(port)).status == 502
+    assert observer.errors == [("echo", "protocol")]
 
 
 async def test_pooled_connection_expires_after_idle_timeout() -> None:

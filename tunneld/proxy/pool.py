@@ -1,12 +1,15 @@
-"""Stream plumbing of the HTTP proxy: events off a stream, the per-service keep-alive pool of
-origin connections, the raw relay after an upgrade, and the lingering close.
+"""Connections of the HTTP proxy: events off a stream, and each service's pool of idle origin
+connections kept alive for the next request.
 
-A pooled connection is handed out newest first (the one least likely to have been closed by the
-origin's own idle timer). Before reuse it is checked without blocking: a socket that is readable
-while idle has either been closed by the origin or sent bytes nobody asked for, and is dropped.
-That check cannot see a close that is still in flight, so the proxy may still retry once on a
-fresh connection (see ``http.py`` for when that is safe). Connections idle longer than the
-service's ``idle_timeout`` are closed when the pool is next touched.
+How this works: an :class:`EventReader` pairs a stream with a sans-IO parser from
+:mod:`tunneld.proxy.http1`; it serves client connections and, as :class:`UpstreamConnection`,
+origin ones. A pooled connection is handed out newest first (the one least likely to have been
+closed by the origin's own idle timer). Before reuse it is checked without blocking: a socket
+that is readable while idle has either been closed by the origin or sent bytes nobody asked for,
+and is dropped. That check cannot see a close that is still in flight, so a request may still be
+retried once on a new connection (:mod:`tunneld.proxy.exchange` says when that is safe).
+Connections idle longer than the service's ``idle_timeout`` are closed when the pool is next
+touched, and by the periodic :meth:`UpstreamPool.sweep`.
 """
 
 from __future__ import annotations
@@ -21,11 +24,6 @@ from tunneld.proxy.upstream import open_upstream
 
 #: Bytes asked of the kernel per receive: also the largest piece a body is relayed in.
 RECEIVE_BYTES = 65536
-#: After an error answer, unread input is drained this long so the close does not reset the
-#: connection under the answer (which would make the client see ECONNRESET, not the status).
-LINGER_SECONDS = 1.0
-LINGER_BYTES = 1 << 20
-_NETWORK_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class EventReader:
@@ -96,12 +94,12 @@ class UpstreamPool:
         """A pooled connection that still looks alive, else a new one (``UpstreamError``)."""
         idle = self._idle
         if idle:
-            deadline = trio.current_time() - self._service.idle_timeout_seconds
+            expired_before = trio.current_time() - self._service.idle_timeout_seconds
             while idle:
                 conn = idle.pop()
-                if conn.idle_since < deadline:
+                if conn.idle_since < expired_before:  # the newest expired: so did all the others
                     idle.append(conn)
-                    await self._close_expired(deadline)
+                    await self._close_expired(expired_before)
                     break
                 if conn.looks_alive():
                     conn.reused = True
@@ -147,9 +145,9 @@ class UpstreamPool:
                 await conn.aclose()
         self._idle = alive
 
-    async def _close_expired(self, deadline: float) -> None:
+    async def _close_expired(self, expired_before: float) -> None:
         idle = self._idle
-        while idle and idle[0].idle_since < deadline:
+        while idle and idle[0].idle_since < expired_before:
             await idle.popleft().aclose()
 
     async def aclose(self) -> None:
@@ -165,43 +163,3 @@ def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     if isinstance(stream, trio.SocketStream):
         return stream.socket
     return None
-
-
-async def relay_raw(a: trio.abc.Stream, b: trio.abc.Stream, idle_seconds: float) -> None:
-    """Copy bytes both ways until both sides are done, one side breaks, or nothing moves for
-    ``idle_seconds``. An EOF is passed on as a half-close where the other stream has one."""
-    with trio.CancelScope(deadline=trio.current_time() + idle_seconds) as scope:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_copy, a, b, scope, idle_seconds)
-            nursery.start_soon(_copy, b, a, scope, idle_seconds)
-
-
-async def _copy(
-    source: trio.abc.Stream, sink: trio.abc.Stream, scope: trio.CancelScope, idle: float
-) -> None:
-    try:
-        while data := await source.receive_some(RECEIVE_BYTES):
-            await sink.send_all(data)
-            scope.deadline = trio.current_time() + idle
-        if isinstance(sink, trio.abc.HalfCloseableStream):
-            await sink.send_eof()
-            return
-    except _NETWORK_ERRORS:
-        pass
-    scope.cancel()
-
-
-async def linger(stream: trio.abc.Stream, seconds: float = LINGER_SECONDS) -> None:
-    """Half-close and drain what the peer still sends, so closing does not reset our answer."""
-    with trio.move_on_after(seconds):
-        try:
-            if isinstance(stream, trio.abc.HalfCloseableStream):
-                await stream.send_eof()
-            drained = 0
-            while drained < LINGER_BYTES:
-                data = await stream.receive_some(RECEIVE_BYTES)
-                if not data:
-                    return
-                drained += len(data)
-        except _NETWORK_ERRORS:
-            pass

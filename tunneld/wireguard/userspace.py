@@ -117,11 +117,12 @@ def _explain_exit(binary: str, status: int, output: list[str]) -> TunneldError:
 
 
 async def remove_stale_device(ifname: str) -> None:
-    """Delete ``ifname`` and wait until its userspace implementation has let go of the socket."""
+    """Delete ``ifname`` and wait until its userspace implementation has stopped answering."""
     await delete_link(ifname)  # wireguard-go exits when its tun device goes away
     with trio.move_on_after(STARTUP_TIMEOUT_SECONDS):
-        # Polling: a file's disappearance is nothing trio can wait on.
-        while socket_path(ifname).exists():  # noqa: ASYNC110
+        # Not "until the socket file is gone": an orphan whose log pipe died with our previous
+        # run is killed by SIGPIPE mid-cleanup and leaves the file behind, unanswered.
+        while await answers_uapi(ifname):  # noqa: ASYNC110 - nothing to wait on but the socket
             await trio.sleep(0.05)
 
 
