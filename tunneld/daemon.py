@@ -16,13 +16,15 @@ import signal
 
 import trio
 
-from tunneld import keys
+from tunneld import keys, systemd
 from tunneld.config import Config
 from tunneld.preflight import interface_lock, require_net_admin
 from tunneld.proxy.server import Proxy, load_service_secrets
 from tunneld.tunnel import Tunnel, load_tunnel_keys
 
 log = logging.getLogger(__name__)
+
+STATUS_INTERVAL_SECONDS = 5.0
 
 
 async def _watch_signals(
@@ -42,6 +44,24 @@ async def _watch_signals(
                 return
             log.info("received %s; draining, then shutting down", name)
             shutdown.set()
+
+
+async def _report_status(notifier: systemd.Notifier, tunnel: Tunnel, shutdown: trio.Event) -> None:
+    """Keep systemd's one-line STATUS= current (repeats are not sent)."""
+    while not shutdown.is_set():
+        notifier.status(tunnel.status_line())
+        with trio.move_on_after(STATUS_INTERVAL_SECONDS):
+            await shutdown.wait()
+
+
+async def _ignore_hangup(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    # SIGHUP's default action would kill us on `systemctl reload`. Reloading the config in
+    # place is not built yet: say so instead of dying or pretending.
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            log.warning("SIGHUP: reloading the config in place is not supported yet; restart "
+                        "tunneld to apply a changed config")  # fmt: skip
 
 
 async def run(config: Config) -> None:
@@ -64,13 +84,19 @@ async def _run_locked(config: Config) -> None:
     tunnel = Tunnel(config, tunnel_keys)
     proxy = Proxy(config, secrets) if config.services else None
     shutdown = trio.Event()
+    notifier = systemd.Notifier.from_environ(unset_environment=True)
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, shutdown, nursery.cancel_scope)
+        await nursery.start(_ignore_hangup)
         await nursery.start(tunnel.run)
         if proxy is not None:  # listeners need the interface and its addresses: after the tunnel
             await nursery.start(proxy.run, tunnel)
+        await nursery.start(systemd.run_watchdog, notifier, lambda: tunnel.last_tick)
+        nursery.start_soon(_report_status, notifier, tunnel, shutdown)
+        notifier.ready(tunnel.status_line())
         log.info("tunneld is running")
         await shutdown.wait()
+        notifier.stopping("draining connections")
         if proxy is not None:
             grace = config.proxy.shutdown_grace_seconds
             if not await proxy.drain(grace):

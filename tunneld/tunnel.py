@@ -1,14 +1,20 @@
-"""The tunnel: turn the config into a configured WireGuard device and keep it that way.
+"""The tunnel supervisor: turn the config into a configured WireGuard device and keep it healthy.
 
-How this works: :meth:`Tunnel.run` opens the device (choosing and supervising the backend),
-resolves each gateway's endpoints, applies the whole device config, then converges the link's
-addresses, MTU and routes. Only then does it report itself started. Afterwards it watches the
-device: gateways whose endpoint names did not resolve yet (DNS often comes up after us at boot)
-are retried with backoff, and handshake progress is logged. Network trouble is never fatal here;
-config, permission and backend errors are.
+How this works. :meth:`Tunnel.run` opens the device (choosing and supervising the backend),
+resolves each gateway's first endpoint, applies the whole device config and converges the link's
+addresses, MTU and routes; only then does it report itself started. Then it ticks every
+``health.interval``:
 
-The full health state machine, probes and failover belong to the supervisor that grows out of
-this module; this part guarantees bring-up, idempotent convergence and tear-down.
+1. converge the link again — idempotent, and it puts back an address, route or link state that
+   someone removed; if the interface itself is gone this raises and the device is rebuilt;
+2. read the device's stats and probe every gateway (concurrently, each under its timeout);
+3. feed each gateway's :class:`~tunneld.health.PeerHealth` machine one observation, log its
+   transition, and carry out the recovery actions it asks for: re-resolve the endpoint name,
+   move to the next endpoint, or re-apply the peer (removed and added again, which forces a
+   fresh handshake).
+
+A lost device (interface deleted, userspace implementation dead) is rebuilt with backoff.
+Network trouble never ends the daemon; only errors a person must fix do (exit code 2).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from tunneld import keys
 from tunneld.backoff import Backoff
 from tunneld.config import Config, GatewayConfig, HostPort
 from tunneld.errors import TunneldError, principal_error
+from tunneld.health import Action, Observation, PeerHealth, PeerState
+from tunneld.probe import ProbeError, icmp_socket_kind, probe_gateway
 from tunneld.wireguard.device import Device, open_device
 from tunneld.wireguard.links import LinkPlan, converge_link, routes_needed
 from tunneld.wireguard.model import DeviceConfig, Endpoint, PeerConfig
@@ -32,9 +40,6 @@ from tunneld.wireguard.model import DeviceConfig, Endpoint, PeerConfig
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_SECONDS = 5.0
-WATCH_INTERVAL_SECONDS = 5.0
-#: WireGuard's REJECT_AFTER_TIME: a session this old can no longer carry data.
-HANDSHAKE_STALE_SECONDS = 180.0
 
 
 class ResolveError(TunneldError):
@@ -91,42 +96,47 @@ async def resolve(endpoint: HostPort) -> Endpoint:
     raise ResolveError(f"{endpoint}: no IPv4 or IPv6 address")
 
 
-async def resolve_first(gateway: GatewayConfig) -> Endpoint | None:
-    """The first of the gateway's endpoints (in config order) that resolves, or None."""
-    for candidate in gateway.endpoints:
-        try:
-            return await resolve(candidate)
-        except ResolveError as exc:
-            log.warning("gateway %s: endpoint %s", gateway.name, exc)
-    return None
-
-
 @dataclass
-class _GatewayWatch:
-    """What the watch loop remembers about one gateway between ticks."""
+class GatewayRuntime:
+    """What the supervisor keeps about one gateway between ticks."""
 
-    endpoint: Endpoint | None
-    backoff: Backoff = field(default_factory=Backoff)
-    next_resolve_at: float = 0.0
-    handshake_fresh: bool = False
+    config: GatewayConfig
+    health: PeerHealth
+    endpoint_index: int = 0  # which of config.endpoints is in use
+    endpoint: Endpoint | None = None  # what it resolved to (None: not yet)
+    last_probe_error: str | None = None
+    last_resolve_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
 
 
 class Tunnel:
-    """Owns the WireGuard device for one config."""
+    """Owns the WireGuard device for one config, and keeps its gateways healthy."""
 
     def __init__(self, config: Config, tunnel_keys: TunnelKeys) -> None:
         self.config = config
         self._keys = tunnel_keys
-        self._watches = {gateway.name: _GatewayWatch(endpoint=None) for gateway in config.gateways}
+        self.gateways: dict[str, GatewayRuntime] = {}
         self.generation = 0  # how many times the interface has been built
         self.repairs = 0  # how many times it had to be rebuilt
+        self.last_tick = 0.0  # trio time the supervisor loop last completed (watchdog progress)
+        self.backend_name = ""
         self._generation_changed = trio.Event()
 
     @property
     def ifname(self) -> str:
         return self.config.interface.name
 
-    def device_config(self) -> DeviceConfig:
+    def _runtime(self, gateway: GatewayConfig) -> GatewayRuntime:
+        runtime = self.gateways.get(gateway.name)
+        if runtime is None:
+            health = PeerHealth.for_gateway(self.config.health, gateway, now=trio.current_time())
+            runtime = self.gateways[gateway.name] = GatewayRuntime(gateway, health)
+        return runtime
+
+    def device_config(self, *, without: GatewayConfig | None = None) -> DeviceConfig:
         interface = self.config.interface
         return DeviceConfig(
             private_key=self._keys.private_key,
@@ -136,11 +146,14 @@ class Tunnel:
                 PeerConfig(
                     public_key=gateway.public_key,
                     allowed_ips=gateway.allowed_ips,
-                    endpoint=self._watches[gateway.name].endpoint,
+                    endpoint=self.gateways[gateway.name].endpoint
+                    if gateway.name in self.gateways
+                    else None,
                     persistent_keepalive_seconds=gateway.persistent_keepalive_seconds,
                     preshared_key=self._keys.preshared_keys.get(gateway.name),
                 )
                 for gateway in self.config.gateways
+                if gateway is not without
             ),
         )
 
@@ -153,15 +166,17 @@ class Tunnel:
             routes=routes_needed(interface.addresses, allowed),
         )
 
+    # -- bring-up and the device's lifetime --------------------------------------------------
+
     async def bring_up(self, device: Device) -> None:
         """Resolve endpoints, configure the device and converge the link (idempotent)."""
         for gateway in self.config.gateways:
-            watch = self._watches[gateway.name]
-            watch.endpoint = await resolve_first(gateway)
-            if watch.endpoint is None:
-                log.warning("gateway %s: no endpoint resolves yet; will keep trying", gateway.name)
+            runtime = self._runtime(gateway)
+            if runtime.endpoint is None:
+                await self._resolve_current(runtime)
         await device.configure(self.device_config())
         await converge_link(self.ifname, self.link_plan())
+        self.backend_name = device.backend_name
         log.info(
             "interface %s is up (%s backend): %s; %d gateway(s)",
             self.ifname,
@@ -177,6 +192,8 @@ class Tunnel:
         rebuilt with backoff; only errors a person must fix (exit code 2: permissions, a missing
         WireGuard implementation) end the loop.
         """
+        if self.config.health.probe == "icmp":
+            icmp_socket_kind(4)  # no ICMP socket allowed at all: say so now (exit 2), not per tick
         interface = self.config.interface
         backoff = Backoff()
         while True:
@@ -185,13 +202,12 @@ class Tunnel:
                     interface.name, interface.backend, interface.userspace_binary
                 ) as device:
                     await self.bring_up(device)
+                    self.last_tick = trio.current_time()
                     backoff.reset()
                     self._new_generation()
                     if self.generation == 1:
                         task_status.started()
-                    while True:
-                        await trio.sleep(WATCH_INTERVAL_SECONDS)
-                        await self.watch_once(device)
+                    await self._supervise(device)
             except Exception as exc:
                 error = principal_error(exc)
                 if error is None or error.exit_code == 2:
@@ -201,7 +217,7 @@ class Tunnel:
                     "interface %s lost (%s); rebuilding in %.1fs", self.ifname, error, delay
                 )
                 self.repairs += 1
-            await trio.sleep(delay)
+                await trio.sleep(delay)
 
     def _new_generation(self) -> None:
         self.generation += 1
@@ -216,46 +232,130 @@ class Tunnel:
         while self.generation <= generation:
             await self._generation_changed.wait()
 
-    async def watch_once(self, device: Device) -> None:
-        """One tick: repair the link, retry unresolved endpoints, log handshake progress."""
-        # Idempotent, and cheap enough every tick: puts back an address, route or link state
-        # that someone removed; raises when the interface itself is gone (→ rebuild).
-        await converge_link(self.ifname, self.link_plan())
-        changed = False
-        now = trio.current_time()
-        for gateway in self.config.gateways:
-            watch = self._watches[gateway.name]
-            if watch.endpoint is not None or now < watch.next_resolve_at:
-                continue
-            watch.endpoint = await resolve_first(gateway)
-            if watch.endpoint is None:
-                watch.next_resolve_at = now + watch.backoff.next_delay()
-            else:
-                watch.backoff.reset()
-                log.info("gateway %s: endpoint resolved to %s", gateway.name, watch.endpoint)
-                changed = True
-        if changed:
-            await device.configure(self.device_config())
-        await self._log_handshakes(device)
+    # -- the supervisor loop -----------------------------------------------------------------
 
-    async def _log_handshakes(self, device: Device) -> None:
+    async def _supervise(self, device: Device) -> None:
+        interval = self.config.health.interval_seconds
+        while True:
+            self.last_tick = trio.current_time()
+            wakeups = [
+                at for runtime in self.gateways.values() if (at := runtime.health.wakeup_at())
+            ]
+            next_tick = min([self.last_tick + interval, *wakeups])
+            await trio.sleep_until(max(next_tick, self.last_tick + 0.2))
+            await self.tick(device)
+
+    async def tick(self, device: Device) -> None:
+        """One round: repair the link, observe every gateway, act on what the machines decide."""
+        await converge_link(self.ifname, self.link_plan())
+        for runtime in self.gateways.values():
+            if runtime.endpoint is None and await self._resolve_current(runtime):
+                await device.configure(self.device_config())  # boot without DNS: now it does
         stats = await device.stats()
+        probes = await self._probe_all()
         wall_now = time.time()
-        for gateway in self.config.gateways:
-            watch = self._watches[gateway.name]
-            peer = stats.peer(gateway.public_key)
-            handshake = peer.last_handshake_unix_seconds if peer else None
-            fresh = handshake is not None and wall_now - handshake < HANDSHAKE_STALE_SECONDS
-            if fresh and not watch.handshake_fresh:
-                log.info(
-                    "gateway %s: handshake completed via %s",
-                    gateway.name,
-                    peer.endpoint if peer else "?",
-                )
-            elif watch.handshake_fresh and not fresh:
-                log.warning(
-                    "gateway %s: no handshake for %.0fs; WireGuard keeps retrying",
-                    gateway.name,
-                    HANDSHAKE_STALE_SECONDS,
-                )
-            watch.handshake_fresh = fresh
+        for runtime in list(self.gateways.values()):
+            observation = Observation.from_stats(
+                stats.peer(runtime.config.public_key),
+                now=trio.current_time(),
+                wall_now=wall_now,
+                probe_ok=probes.get(runtime.name),
+            )
+            decision = runtime.health.observe(observation)
+            if decision.transition is not None:
+                self._log_transition(runtime, decision.transition.old, decision.transition.new,
+                                     decision.transition.reason)  # fmt: skip
+            for action in decision.actions:
+                await self._recover(device, runtime, action)
+
+    async def _probe_all(self) -> dict[str, bool]:
+        """Probe every probed gateway at once; name → answered."""
+        results: dict[str, bool] = {}
+
+        async def probe(runtime: GatewayRuntime) -> None:
+            address = runtime.config.probe_address
+            if address is None:
+                return
+            try:
+                await probe_gateway(self.config.health, address, ifname=self.ifname)
+            except ProbeError as exc:
+                results[runtime.name] = False
+                if str(exc) != runtime.last_probe_error:
+                    log.debug("gateway %s: probe failed: %s", runtime.name, exc)
+                runtime.last_probe_error = str(exc)
+            else:
+                results[runtime.name] = True
+                runtime.last_probe_error = None
+
+        if self.config.health.probe != "none":
+            async with trio.open_nursery() as nursery:
+                for runtime in self.gateways.values():
+                    nursery.start_soon(probe, runtime)
+        return results
+
+    def _log_transition(
+        self, runtime: GatewayRuntime, old: PeerState, new: PeerState, reason: str
+    ) -> None:
+        level = (
+            logging.WARNING if new in (PeerState.DEGRADED, PeerState.RECOVERING) else logging.INFO
+        )
+        via = f" via {runtime.endpoint}" if new is PeerState.UP and runtime.endpoint else ""
+        log.log(
+            level, "gateway %s: %s → %s (%s)%s", runtime.name, old.value, new.value, reason, via
+        )
+
+    async def _recover(self, device: Device, runtime: GatewayRuntime, action: Action) -> None:
+        gateway = runtime.config
+        if action is Action.RERESOLVE:
+            before = runtime.endpoint
+            if await self._resolve_current(runtime) and runtime.endpoint != before:
+                name = gateway.endpoints[runtime.endpoint_index]
+                log.info("gateway %s: %s now resolves to %s (was %s)",
+                         runtime.name, name, runtime.endpoint, before)  # fmt: skip
+                await device.configure(self.device_config())
+        elif action is Action.NEXT_ENDPOINT:
+            runtime.endpoint_index = (runtime.endpoint_index + 1) % len(gateway.endpoints)
+            runtime.endpoint = None
+            await self._resolve_current(runtime)
+            name = gateway.endpoints[runtime.endpoint_index]
+            log.info("gateway %s: failing over to endpoint %s (%s)",
+                     runtime.name, name, runtime.endpoint or "unresolved")  # fmt: skip
+            await device.configure(self.device_config())
+        elif action is Action.REAPPLY_PEER:
+            # Removing and adding the peer drops its session, so the next packet starts a fresh
+            # handshake instead of waiting out WireGuard's own retry timers.
+            log.info("gateway %s: re-applying the peer to force a new handshake", runtime.name)
+            await device.configure(self.device_config(without=gateway))
+            await device.configure(self.device_config())
+
+    async def _resolve_current(self, runtime: GatewayRuntime) -> bool:
+        """Resolve the endpoint in use; True if it resolved (``runtime.endpoint`` updated)."""
+        candidate = runtime.config.endpoints[runtime.endpoint_index]
+        try:
+            runtime.endpoint = await resolve(candidate)
+        except ResolveError as exc:
+            # A DNS outage repeats the same failure every tick: say it once, then at debug.
+            level = logging.DEBUG if str(exc) == runtime.last_resolve_error else logging.WARNING
+            log.log(level, "gateway %s: endpoint %s", runtime.name, exc)
+            runtime.last_resolve_error = str(exc)
+            return False
+        runtime.last_resolve_error = None
+        return True
+
+    # -- reports -----------------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        """One human line for systemd's STATUS=, e.g. "up: edge-1 via 203.0.113.7:51820"."""
+        parts = []
+        for runtime in self.gateways.values():
+            state = runtime.health.state.value
+            via = f" via {runtime.endpoint}" if runtime.endpoint else ""
+            parts.append(f"{runtime.name} {state}{via}")
+        states = {runtime.health.state for runtime in self.gateways.values()}
+        if any(runtime.health.is_up for runtime in self.gateways.values()):
+            summary = "up"
+        elif states <= {PeerState.STARTING, PeerState.CONNECTING}:
+            summary = "connecting"
+        else:
+            summary = "down"
+        return f"{summary}: {'; '.join(parts) or 'no gateways'}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -135,3 +137,32 @@ def test_a_second_signal_skips_the_drain(served: tuple[Topology, subprocess.Pope
     assert daemon.wait(timeout=5) == 0
     connection.close()
     assert topology.host_ifname not in topology.host_links()
+
+
+def test_sd_notify_ready_status_watchdog_stopping(topology: Topology) -> None:
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = topology.workdir / "notify.sock"
+    receiver.bind(str(path))
+    receiver.settimeout(1.0)
+    messages: list[str] = []
+
+    def drain(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                messages.append(receiver.recv(4096).decode())
+
+    try:
+        daemon = topology.start_daemon(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "2000000"})
+        topology.wait_running(daemon)
+        drain(3.5)  # WATCHDOG=1 every second (half of WATCHDOG_USEC)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0
+        drain(0.5)
+    finally:
+        receiver.close()
+    ready = [m for m in messages if "READY=1" in m]
+    assert ready and "STATUS=" in ready[0], messages
+    assert sum("WATCHDOG=1" in m for m in messages) >= 2, messages
+    assert any("STOPPING=1" in m for m in messages), messages
+    assert any("STATUS=connecting: edge-1" in m or "STATUS=up: edge-1" in m for m in messages)

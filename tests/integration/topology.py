@@ -158,12 +158,15 @@ class Topology:
             env={**os.environ, **(env or {})},
         )  # fmt: skip
 
-    def start_daemon(self, log_name: str = "tunneld.log") -> subprocess.Popen[bytes]:
+    def start_daemon(
+        self, log_name: str = "tunneld.log", env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log_file = (self.workdir / log_name).open("ab")
         process = subprocess.Popen(
             self.tunneld_argv("--log-level", "debug", "run", "-c", str(self.config_file)),
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         log_file.close()
         self.processes.append(process)

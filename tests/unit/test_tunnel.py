@@ -21,7 +21,11 @@ GATEWAY_PUBLIC = keys.public_key(keys.generate_private_key())
 
 
 def make_config(
-    tmp_path: Path, *, extra_interface: str = "", environ: dict[str, str] | None = None
+    tmp_path: Path,
+    *,
+    extra_interface: str = "",
+    extra_sections: str = "",
+    environ: dict[str, str] | None = None,
 ) -> Config:
     path = tmp_path / "tunneld.toml"
     path.write_text(
@@ -39,6 +43,7 @@ def make_config(
             allowed_ips = ["10.44.0.1/32", "10.45.0.0/24"]
             """
         )
+        + extra_sections
     )
     return load_config(path, environ or {})
 
@@ -68,7 +73,7 @@ def test_link_plan_routes_only_what_the_addresses_do_not_cover(tmp_path: Path) -
     assert plan.mtu == 1420
 
 
-async def test_first_resolvable_endpoint_wins_and_names_are_retried_with_backoff(
+async def test_an_unresolvable_name_is_retried_each_tick_until_dns_has_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
     dns_up = False
@@ -78,31 +83,62 @@ async def test_first_resolvable_endpoint_wins_and_names_are_retried_with_backoff
         calls.append(endpoint.host)
         if endpoint.host == "gw1.example.net" and dns_up:
             return Endpoint(ipaddress.ip_address("198.18.0.1"), endpoint.port)
-        if endpoint.host == "gw1.example.net":
-            raise ResolveError(f"{endpoint}: not known")
-        raise ResolveError(f"{endpoint}: unreachable in this test")
+        raise ResolveError(f"{endpoint}: not known")
 
     monkeypatch.setattr(tunnel, "resolve", fake_resolve)
     monkeypatch.setattr(tunnel, "converge_link", _no_link)
     device = FakeDevice()
-    t = Tunnel(make_config(tmp_path), TunnelKeys(keys.generate_private_key()))
+    config = make_config(tmp_path, extra_sections='[health]\nprobe = "none"\n')
+    t = Tunnel(config, TunnelKeys(keys.generate_private_key()))
     with trio.fail_after(600):
         await t.bring_up(device)
         assert device.applied[-1].peers[0].endpoint is None
-        for _ in range(5):
-            await t.watch_once(device)
-            await trio.sleep(tunnel.WATCH_INTERVAL_SECONDS)
-        assert len(device.applied) == 1  # nothing changed, nothing re-applied
+        for _ in range(3):
+            await trio.sleep(5)
+            await t.tick(device)
+        assert len(device.applied) == 1  # nothing resolved, nothing re-applied
         dns_up = True
-        for _ in range(30):  # backoff is capped at 60 s; within 30 ticks of 5 s it retries
-            await t.watch_once(device)
-            if len(device.applied) > 1:
-                break
-            await trio.sleep(tunnel.WATCH_INTERVAL_SECONDS)
+        await trio.sleep(5)
+        await t.tick(device)
     assert device.applied[-1].peers[0].endpoint == Endpoint(
         ipaddress.ip_address("198.18.0.1"), 51820
     )
-    assert calls.count("gw1.example.net") >= 2
+    # Bring-up, three failed ticks, the RERESOLVE of going down, then the one that worked.
+    assert calls.count("gw1.example.net") == 6
+
+
+async def test_recovery_actions_fail_over_and_reapply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def fake_resolve(endpoint: HostPort) -> Endpoint:
+        return Endpoint(
+            ipaddress.ip_address(endpoint.host if endpoint.host[0].isdigit() else "198.18.0.1"),
+            endpoint.port,
+        )
+
+    monkeypatch.setattr(tunnel, "resolve", fake_resolve)
+    monkeypatch.setattr(tunnel, "converge_link", _no_link)
+    device = FakeDevice()  # never reports a handshake: the gateway stays down
+    config = make_config(
+        tmp_path, extra_sections='[health]\nprobe = "none"\ninterval = 1\nfailures = 2\n'
+    )
+    t = Tunnel(config, TunnelKeys(keys.generate_private_key()))
+    with trio.fail_after(600):
+        await t.bring_up(device)
+        endpoints_seen = set()
+        peer_counts = set()
+        for _ in range(60):
+            await trio.sleep(1)
+            await t.tick(device)
+            endpoints_seen.add(
+                str(device.applied[-1].peers[0].endpoint) if device.applied[-1].peers else None
+            )
+            peer_counts.update(len(config.peers) for config in device.applied)
+    runtime = t.gateways["edge-1"]
+    assert runtime.health.state is tunnel.PeerState.RECOVERING
+    assert {"198.18.0.1:51820", "198.18.0.9:51820"} <= endpoints_seen  # failed over and back
+    assert 0 in peer_counts  # re-applied: the peer was removed once to force a new handshake
+    assert t.status_line().startswith("down: edge-1 recovering")
 
 
 async def _no_link(ifname: str, plan: object) -> None:

@@ -102,7 +102,10 @@ def _child_environment() -> dict[str, str]:
     # Deliberately not os.environ: a child inherits nothing it does not need.
     return {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "LOG_LEVEL": "verbose" if log.isEnabledFor(logging.DEBUG) else "error",
+        # Errors only, even when we log at debug: wireguard-go's verbose mode logs every
+        # keepalive, and a child that writes to its pipe after a kill -9 of ours dies of
+        # SIGPIPE mid-cleanup instead of staying up for the restart to adopt or replace.
+        "LOG_LEVEL": "error",
     }
 
 
@@ -142,7 +145,7 @@ async def _forward_output(stream: trio.abc.ReceiveStream, binary: str, tail: lis
                 continue
             tail.append(line)
             del tail[:-_OUTPUT_TAIL_LINES]
-            log.info("%s: %s", Path(binary).name, line)
+            log.warning("%s: %s", Path(binary).name, line)
 
 
 async def _wait_until_serving(
