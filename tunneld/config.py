@@ -275,7 +275,7 @@ def _gateway(
     keepalive = table.integer("persistent_keepalive", 25, 0, 65535)
     preshared_key = _key_source(table, key_dirs, "preshared_key")
     probe_address = read_probe_address(table, health, allowed_ips, interface.addresses)
-    check_handshake_only(table, health, keepalive)
+    check_handshake_only(table, health, keepalive, probe_address)
     table.done()
     return GatewayConfig(
         name, public_key, tuple(endpoints), allowed_ips, keepalive, preshared_key, probe_address

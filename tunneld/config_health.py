@@ -145,22 +145,10 @@ def read_probe_address(
     """
     text = table.optional_text("probe_address")
     if text is None:
-        default = default_probe_address(allowed_ips)
-        if (
-            default is None
-            and health.probe != "none"
-            and allowed_ips
-            and "probe_address" not in table.raw
-        ):
-            network = allowed_ips[0]
-            example = quote(str(network.network_address + 1))
-            table.missing(
-                "probe_address",
-                "the gateway's tunnel address to probe, e.g. "
-                f'{example}, or "none" to judge it by its handshake alone: allowed_ips has '
-                "no single address (/32 or /128) to probe by default",
-            )
-        return default
+        # No single address in allowed_ips: no guess at which host of a network answers (a
+        # probe that never gets an answer would "repair" a working tunnel forever); the
+        # gateway is judged by its handshake alone, and the supervisor says so at start.
+        return default_probe_address(allowed_ips)
     if text == NO_PROBE:
         return None
     try:
@@ -199,7 +187,9 @@ def default_probe_address(allowed_ips: Sequence[IPNetwork]) -> IPAddress | None:
     return None
 
 
-def check_handshake_only(table: Table, health: HealthConfig, keepalive_seconds: int) -> None:
+def check_handshake_only(
+    table: Table, health: HealthConfig, keepalive_seconds: int, probe_address: IPAddress | None
+) -> None:
     """A gateway without a probe needs keepalives, or an idle tunnel would look down."""
     if keepalive_seconds != 0:
         return
@@ -207,7 +197,9 @@ def check_handshake_only(table: Table, health: HealthConfig, keepalive_seconds: 
         no_probe = 'health.probe = "none"'
     elif table.raw.get("probe_address") == NO_PROBE:
         no_probe = 'probe_address = "none"'
-    else:  # probed (or its probe_address is missing or invalid, which is reported already)
+    elif probe_address is None and "probe_address" not in table.raw:
+        no_probe = "allowed_ips has no single address to probe and probe_address is not set"
+    else:  # probed (or its probe_address is invalid, which is reported already)
         return
     table.problem(
         "persistent_keepalive",

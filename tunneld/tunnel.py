@@ -134,6 +134,9 @@ class Tunnel:
         if runtime is None:
             health = PeerHealth.for_gateway(self.config.health, gateway, now=trio.current_time())
             runtime = self.gateways[gateway.name] = GatewayRuntime(gateway, health)
+            if self.config.health.probe != "none" and gateway.probe_address is None:
+                log.info("gateway %s: judged by its handshake alone (no probe_address, and no "
+                         "single address in allowed_ips to probe)", gateway.name)  # fmt: skip
         return runtime
 
     def device_config(self, *, without: GatewayConfig | None = None) -> DeviceConfig:

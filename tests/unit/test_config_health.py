@@ -251,20 +251,6 @@ def test_health_errors(changes: dict[str, Any], expected: str) -> None:
 
 PROBE_ADDRESS_ERRORS = [
     (
-        {"allowed_ips": ["10.44.1.0/24"]},
-        "gateway[0].probe_address: missing; expected the gateway's tunnel address to probe,"
-        ' e.g. "10.44.1.1", or "none" to judge it by its handshake alone: allowed_ips has no'
-        " single address (/32 or /128) to probe by default"
-        " (in the file or as TUNNELD_GATEWAY_0_PROBE_ADDRESS)",
-    ),
-    (
-        {"allowed_ips": ["fd44::/64", "10.44.1.0/24"]},
-        "gateway[0].probe_address: missing; expected the gateway's tunnel address to probe,"
-        ' e.g. "fd44::1", or "none" to judge it by its handshake alone: allowed_ips has no'
-        " single address (/32 or /128) to probe by default"
-        " (in the file or as TUNNELD_GATEWAY_0_PROBE_ADDRESS)",
-    ),
-    (
         {"probe_address": "gw.example.net"},
         'gateway[0].probe_address: "gw.example.net" is not an IP address, e.g. "10.44.0.1",'
         ' or "none"',
@@ -324,10 +310,15 @@ def test_keepalive_off_without_any_probe() -> None:
     ]
 
 
-def test_a_missing_probe_address_is_not_reported_twice() -> None:
+def test_networks_only_mean_no_probe_for_that_gateway() -> None:
+    # No guess at which host of a network answers: judged by its handshake alone.
+    for allowed in (["10.44.1.0/24"], ["fd44::/64", "10.44.1.0/24"]):
+        config = load_config(write(gateways=[{"allowed_ips": allowed}]), {})
+        assert config.gateways[0].probe_address is None
+    # ... which needs keepalives to renew an idle tunnel's handshake.
     changes = {"allowed_ips": ["10.44.1.0/24"], "persistent_keepalive": 0}
     (line,) = problems(write(gateways=[changes]))
-    assert line.startswith("tunneld.toml: gateway[0].probe_address: missing;")
+    assert line.startswith("tunneld.toml: gateway[0].persistent_keepalive: 0 turns keepalives off")
 
 
 def test_health_of_the_wrong_type() -> None:
@@ -410,7 +401,7 @@ def test_unknown_health_variable() -> None:
     ]
 
 
-def test_environment_alone_with_a_network_names_the_variable_to_set() -> None:
+def test_environment_alone_with_a_network_probes_only_when_told_where() -> None:
     environ = {
         "TUNNELD_INTERFACE_ADDRESS": "10.44.0.2/24",
         "TUNNELD_INTERFACE_PRIVATE_KEY_FILE": "/k",
@@ -418,9 +409,7 @@ def test_environment_alone_with_a_network_names_the_variable_to_set() -> None:
         "TUNNELD_GATEWAY_0_ENDPOINTS": "gw.example:51820",
         "TUNNELD_GATEWAY_0_ALLOWED_IPS": "10.44.1.0/24",
     }
-    (line,) = problems(environ=environ)
-    assert line.startswith("environment: gateway[0].probe_address: missing;")
-    assert line.endswith("(in the file or as TUNNELD_GATEWAY_0_PROBE_ADDRESS)")
+    assert round_trips(environ=environ).gateways[0].probe_address is None
     loaded = round_trips(environ={**environ, "TUNNELD_GATEWAY_0_PROBE_ADDRESS": "10.44.1.1"})
     assert loaded.source == "environment"
 

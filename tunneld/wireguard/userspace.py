@@ -57,6 +57,8 @@ async def _uapi_request(ifname: str, request: bytes) -> list[tuple[str, str]]:
         raise BackendError(f"{path}: no UAPI reply within {UAPI_TIMEOUT_SECONDS:g}s") from None
     except OSError as exc:
         raise BackendError(f"{path}: cannot talk to userspace WireGuard: {exc.strerror}") from exc
+    except trio.BrokenResourceError as exc:  # it went away mid-answer (e.g. shutting down)
+        raise BackendError(f"{path}: userspace WireGuard closed the connection: {exc}") from exc
 
 
 class UserspaceDevice:
