@@ -323,13 +323,19 @@ class Tunnel:
             name = gateway.endpoints[runtime.endpoint_index]
             log.info("gateway %s: failing over to endpoint %s (%s)",
                      runtime.name, name, runtime.endpoint or "unresolved")  # fmt: skip
-            await device.configure(self.device_config())
+            await self._reset_peer(device, gateway)
         elif action is Action.REAPPLY_PEER:
-            # Removing and adding the peer drops its session, so the next packet starts a fresh
-            # handshake instead of waiting out WireGuard's own retry timers.
             log.info("gateway %s: re-applying the peer to force a new handshake", runtime.name)
-            await device.configure(self.device_config(without=gateway))
-            await device.configure(self.device_config())
+            await self._reset_peer(device, gateway)
+
+    async def _reset_peer(self, device: Device, gateway: GatewayConfig) -> None:
+        """Remove the peer and add it again (with its current endpoint).
+
+        That drops its session and its handshake retry timer, so the next packet starts a fresh
+        handshake at once instead of after WireGuard's own back-off (5 s and more).
+        """
+        await device.configure(self.device_config(without=gateway))
+        await device.configure(self.device_config())
 
     async def _resolve_current(self, runtime: GatewayRuntime) -> bool:
         """Resolve the endpoint in use; True if it resolved (``runtime.endpoint`` updated)."""

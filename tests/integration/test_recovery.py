@@ -166,3 +166,49 @@ def test_sd_notify_ready_status_watchdog_stopping(topology: Topology) -> None:
     assert sum("WATCHDOG=1" in m for m in messages) >= 2, messages
     assert any("STOPPING=1" in m for m in messages), messages
     assert any("STATUS=connecting: edge-1" in m or "STATUS=up: edge-1" in m for m in messages)
+
+
+FAST_HEALTH = "\n[health]\ninterval = 1\nfailures = 2\nprobe_timeout = 0.5\n"
+
+
+def test_failover_to_the_second_endpoint(topology: Topology) -> None:
+    # 198.18.0.9 is on the underlay's subnet but nobody has it: handshakes there go unanswered.
+    topology.write_config(endpoint="198.18.0.9:51820", services=FAST_HEALTH)
+    text = topology.config_file.read_text()
+    topology.config_file.write_text(
+        text.replace(
+            'endpoints = ["198.18.0.9:51820"]',
+            'endpoints = ["198.18.0.9:51820", "198.18.0.1:51820"]',
+        )
+    )
+    daemon = topology.start_daemon()
+    started = time.monotonic()
+    topology.wait_running(daemon)
+    peer = topology.wait_handshake(timeout=30)
+    print(f"failed over to the second endpoint; handshake after {time.monotonic() - started:.1f}s")
+    assert peer["endpoint"] == "198.18.0.1:51820"
+    assert "failing over to endpoint 198.18.0.1:51820" in topology.daemon_log()
+
+
+def test_gateway_restart_is_followed_by_a_fresh_handshake(topology: Topology) -> None:
+    topology.write_config(services=FAST_HEALTH)
+    daemon = topology.start_daemon()
+    topology.wait_running(daemon)
+    topology.wait_handshake()
+    # The gateway process dies and comes back with the same key but no session.
+    run("ip", "-n", topology.gateway_ns, "link", "del", topology.gateway_ifname)
+    time.sleep(3)
+    topology.start_gateway()
+    back = time.monotonic()
+
+    def traffic_flows() -> bool:
+        result = subprocess.run(
+            ["ip", "netns", "exec", topology.gateway_ns, "ping", "-c1", "-W1", HOST_TUNNEL],
+            capture_output=True, check=False,
+        )  # fmt: skip
+        return result.returncode == 0
+
+    wait_for("traffic through the tunnel again", traffic_flows, timeout=30)
+    print(f"gateway back → traffic flows again after {time.monotonic() - back:.1f}s")
+    assert daemon.poll() is None
+    assert "re-applying the peer" in topology.daemon_log()
