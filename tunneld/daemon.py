@@ -29,17 +29,22 @@ STATUS_INTERVAL_SECONDS = 5.0
 
 async def _watch_signals(
     shutdown: trio.Event,
+    running: trio.Event,
     cancel_scope: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The first SIGTERM/SIGINT starts a graceful shutdown; a second one exits at once."""
+    """The first SIGTERM/SIGINT starts a graceful shutdown; a second one exits at once.
+
+    Before start-up has finished there is nothing to drain (and bring-up may be backing off
+    for a while): the first signal stops at once.
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
-            if shutdown.is_set():
-                log.warning("received %s again; stopping now without waiting", name)
+            if shutdown.is_set() or not running.is_set():
+                log.warning("received %s; stopping now without draining", name)
                 cancel_scope.cancel()
                 return
             log.info("received %s; draining, then shutting down", name)
@@ -83,10 +88,10 @@ async def _run_locked(config: Config) -> None:
     )
     tunnel = Tunnel(config, tunnel_keys)
     proxy = Proxy(config, secrets) if config.services else None
-    shutdown = trio.Event()
+    shutdown, running = trio.Event(), trio.Event()
     notifier = systemd.Notifier.from_environ(unset_environment=True)
     async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, shutdown, nursery.cancel_scope)
+        await nursery.start(_watch_signals, shutdown, running, nursery.cancel_scope)
         await nursery.start(_ignore_hangup)
         await nursery.start(tunnel.run)
         if proxy is not None:  # listeners need the interface and its addresses: after the tunnel
@@ -94,6 +99,7 @@ async def _run_locked(config: Config) -> None:
         await nursery.start(systemd.run_watchdog, notifier, lambda: tunnel.last_tick)
         nursery.start_soon(_report_status, notifier, tunnel, shutdown)
         notifier.ready(tunnel.status_line())
+        running.set()
         log.info("tunneld is running")
         await shutdown.wait()
         notifier.stopping("draining connections")
