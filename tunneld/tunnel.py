@@ -40,6 +40,9 @@ from tunneld.wireguard.model import DeviceConfig, Endpoint, PeerConfig
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_SECONDS = 5.0
+#: A health machine may ask to be woken early (its next recovery step is due); never so early
+#: that a due-now request spins the loop.
+MIN_TICK_SPACING_SECONDS = 0.2
 
 
 class ResolveError(TunneldError):
@@ -245,7 +248,7 @@ class Tunnel:
                 at for runtime in self.gateways.values() if (at := runtime.health.wakeup_at())
             ]
             next_tick = min([self.last_tick + interval, *wakeups])
-            await trio.sleep_until(max(next_tick, self.last_tick + 0.2))
+            await trio.sleep_until(max(next_tick, self.last_tick + MIN_TICK_SPACING_SECONDS))
             await self.tick(device)
 
     async def tick(self, device: Device) -> None:
