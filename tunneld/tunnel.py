@@ -152,9 +152,7 @@ class Tunnel:
                 PeerConfig(
                     public_key=gateway.public_key,
                     allowed_ips=gateway.allowed_ips,
-                    endpoint=self.gateways[gateway.name].endpoint
-                    if gateway.name in self.gateways
-                    else None,
+                    endpoint=self._endpoint_of(gateway),
                     persistent_keepalive_seconds=gateway.persistent_keepalive_seconds,
                     preshared_key=self._keys.preshared_keys.get(gateway.name),
                 )
@@ -162,6 +160,10 @@ class Tunnel:
                 if gateway is not without
             ),
         )
+
+    def _endpoint_of(self, gateway: GatewayConfig) -> Endpoint | None:
+        runtime = self.gateways.get(gateway.name)
+        return runtime.endpoint if runtime is not None else None
 
     def link_plan(self) -> LinkPlan:
         interface = self.config.interface
@@ -254,9 +256,13 @@ class Tunnel:
     async def tick(self, device: Device) -> None:
         """One round: repair the link, observe every gateway, act on what the machines decide."""
         await converge_link(self.ifname, self.link_plan())
-        for runtime in self.gateways.values():
-            if runtime.endpoint is None and await self._resolve_current(runtime):
-                await device.configure(self.device_config())  # boot without DNS: now it does
+        resolved = [
+            runtime
+            for runtime in self.gateways.values()
+            if runtime.endpoint is None and await self._resolve_current(runtime)
+        ]
+        if resolved:  # booted without DNS, and now it answers: one update for all of them
+            await device.configure(self.device_config())
         stats = await device.stats()
         probes = await self._probe_all()
         wall_now = time.time()
