@@ -18,6 +18,7 @@ import trio
 from tunneld import keys
 from tunneld.config import Config
 from tunneld.config_proxy import ServiceConfig
+from tunneld.proxy.delivery import wait_until_delivered
 from tunneld.proxy.http import HttpProxy
 from tunneld.proxy.listener import open_tunnel_listeners, serve
 from tunneld.proxy.tcp import relay
@@ -26,6 +27,8 @@ from tunneld.wireguard.model import IPNetwork
 log = logging.getLogger(__name__)
 
 POOL_SWEEP_INTERVAL_SECONDS = 5.0
+#: After a drain, how long the last answers may take to be acknowledged before the teardown.
+DELIVERY_TIMEOUT_SECONDS = 3.0
 
 
 def load_service_secrets(config: Config) -> dict[str, bytes]:
@@ -106,8 +109,14 @@ class Proxy:
         await self.http.drain()
         with trio.move_on_after(grace_seconds):
             await self._idle.wait()
-            return True
-        return False
+        if not self._idle.is_set():
+            return False
+        # The interface goes next: let the last bytes of those answers reach the gateway first.
+        addresses = [address.ip for address in self.config.interface.addresses]
+        if not await wait_until_delivered(addresses, DELIVERY_TIMEOUT_SECONDS):
+            log.warning("sent data still unacknowledged after %gs; closing anyway",
+                        DELIVERY_TIMEOUT_SECONDS)  # fmt: skip
+        return True
 
     async def _listen(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
