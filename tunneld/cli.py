@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 import time
 import urllib.parse
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from tunneld.config import Config, load_config, render_config
 from tunneld.config_proxy import ServiceConfig
 from tunneld.config_reader import quote
 from tunneld.errors import principal_error
-from tunneld.preflight import interface_lock, require_net_admin
+from tunneld.preflight import interface_lock, require_net_admin, running_daemon_pid
 from tunneld.proxy.routes import Router
 from tunneld.tunnel import Tunnel, load_tunnel_keys
 from tunneld.wireguard.device import delete_device, existing_device, open_device
@@ -63,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("-i", "--interface", help="interface name (default: from the config)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     with_config("check-config", "validate the config and print it as tunneld sees it")
+    with_config(
+        "reload",
+        "validate the config, then tell the running daemon to apply it (SIGHUP); exit 2 and "
+        "leave the daemon alone if it is invalid",
+    )
     route_test = with_config(
         "route-test", "show which service a request URL is routed to (exit 1 if none)"
     )
@@ -101,7 +109,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
-    trio.run(daemon.run, config)
+    trio.run(daemon.run, config, partial(load_config, args.config))
     return EXIT_OK
 
 
@@ -210,6 +218,18 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_reload(args: argparse.Namespace) -> int:
+    config = _load(args)  # an invalid config exits 2 here, before the daemon hears of it
+    ifname = config.interface.name
+    pid = running_daemon_pid(ifname)
+    if pid is None:
+        print(f"tunneld reload: no running tunneld manages {ifname}", file=sys.stderr)
+        return EXIT_FAILURE
+    os.kill(pid, signal.SIGHUP)
+    print(f"asked tunneld (pid {pid}, interface {ifname}) to reload; its log says what changed")
+    return EXIT_OK
+
+
 def _cmd_route_test(args: argparse.Namespace) -> int:
     try:
         host, target = split_test_url(args.url)
@@ -275,6 +295,7 @@ _COMMANDS = {
     "down": _cmd_down,
     "status": _cmd_status,
     "check-config": _cmd_check_config,
+    "reload": _cmd_reload,
     "route-test": _cmd_route_test,
     "genkey": _cmd_genkey,
     "pubkey": _cmd_pubkey,

@@ -6,13 +6,15 @@ bring-up still tears down); the proxy starts once the interface exists.
 
 Shutdown is a drain: the first SIGTERM/SIGINT closes the listeners, lets open connections finish
 within ``proxy.shutdown_grace``, then cancels everything; the tunnel's teardown runs shielded
-under its own deadline. A second signal skips the wait.
+under its own deadline. A second signal skips the wait. SIGHUP reloads the config in place
+(:mod:`tunneld.reload`).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 
 import trio
 
@@ -20,6 +22,7 @@ from tunneld import keys, systemd
 from tunneld.config import Config
 from tunneld.preflight import interface_lock, require_net_admin
 from tunneld.proxy.server import Proxy, load_service_secrets
+from tunneld.reload import Reloader
 from tunneld.tunnel import Tunnel, load_tunnel_keys
 
 log = logging.getLogger(__name__)
@@ -59,24 +62,28 @@ async def _report_status(notifier: systemd.Notifier, tunnel: Tunnel, shutdown: t
             await shutdown.wait()
 
 
-async def _ignore_hangup(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    # SIGHUP's default action would kill us on `systemctl reload`. Reloading the config in
-    # place is not built yet: say so instead of dying or pretending.
+async def _reload_on_hangup(
+    reloader: Reloader, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    # Installed before start-up ends: SIGHUP's default action would kill us.
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         task_status.started()
         async for _ in signals:
-            log.warning("SIGHUP: reloading the config in place is not supported yet; restart "
-                        "tunneld to apply a changed config")  # fmt: skip
+            log.info("SIGHUP: reloading the config")
+            await reloader.reload()
 
 
-async def run(config: Config) -> None:
-    """Run tunneld in the foreground until SIGTERM/SIGINT; tear down before returning."""
+async def run(config: Config, load_config: Callable[[], Config]) -> None:
+    """Run tunneld in the foreground until SIGTERM/SIGINT; tear down before returning.
+
+    ``load_config`` reads the config again on reload (SIGHUP).
+    """
     require_net_admin()
     with interface_lock(config.interface.name):
-        await _run_locked(config)
+        await _run_locked(config, load_config)
 
 
-async def _run_locked(config: Config) -> None:
+async def _run_locked(config: Config, load_config: Callable[[], Config]) -> None:
     tunnel_keys = await trio.to_thread.run_sync(
         lambda: load_tunnel_keys(config, create_missing=True)
     )
@@ -87,15 +94,24 @@ async def _run_locked(config: Config) -> None:
         keys.encode_key(keys.public_key(tunnel_keys.private_key)),
     )
     tunnel = Tunnel(config, tunnel_keys)
-    proxy = Proxy(config, secrets) if config.services else None
+    proxy = Proxy(config, secrets)
     shutdown, running = trio.Event(), trio.Event()
     notifier = systemd.Notifier.from_environ(unset_environment=True)
+    reloader = Reloader(
+        config,
+        load_config=load_config,
+        load_secrets=load_service_secrets,
+        tunnel=tunnel,
+        proxy=proxy,
+        notifier=notifier,
+        status_line=tunnel.status_line,
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, shutdown, running, nursery.cancel_scope)
-        await nursery.start(_ignore_hangup)
+        await nursery.start(_reload_on_hangup, reloader)
         await nursery.start(tunnel.run)
-        if proxy is not None:  # listeners need the interface and its addresses: after the tunnel
-            await nursery.start(proxy.run, tunnel)
+        # Listeners need the interface and its addresses: after the tunnel.
+        await nursery.start(proxy.run, tunnel)
         await nursery.start(systemd.run_watchdog, notifier, lambda: tunnel.last_tick)
         nursery.start_soon(_report_status, notifier, tunnel, shutdown)
         notifier.ready(tunnel.status_line())
@@ -103,9 +119,8 @@ async def _run_locked(config: Config) -> None:
         log.info("tunneld is running")
         await shutdown.wait()
         notifier.stopping("draining connections")
-        if proxy is not None:
-            grace = config.proxy.shutdown_grace_seconds
-            if not await proxy.drain(grace):
-                log.warning("connections still open after %gs; closing them", grace)
+        grace = reloader.config.proxy.shutdown_grace_seconds
+        if not await proxy.drain(grace):
+            log.warning("connections still open after %gs; closing them", grace)
         nursery.cancel_scope.cancel()  # the tunnel tears the interface down (bounded, shielded)
     log.info("tunneld stopped")

@@ -67,3 +67,23 @@ def interface_lock(ifname: str, directory: Path = LOCK_DIRECTORY) -> Iterator[No
         yield
     finally:
         os.close(fd)
+
+
+def running_daemon_pid(ifname: str, directory: Path = LOCK_DIRECTORY) -> int | None:
+    """The pid of the tunneld that holds ``ifname``'s lock, or None if none does."""
+    path = directory / f"{ifname}.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TunneldError(f"{path}: cannot read the interface lock: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: a daemon runs, and wrote its pid there
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        return None  # nobody holds it: a stale file from a daemon that has gone
+    finally:
+        os.close(fd)

@@ -127,6 +127,9 @@ class Tunnel:
         self.last_tick = 0.0  # trio time the supervisor loop last completed (watchdog progress)
         self.backend_name = ""
         self._generation_changed = trio.Event()
+        self._device: Device | None = None  # while the supervisor runs one
+        #: A tick and a reload both reconfigure the device: one at a time.
+        self._device_lock = trio.Lock()
 
     @property
     def ifname(self) -> str:
@@ -178,12 +181,7 @@ class Tunnel:
 
     async def bring_up(self, device: Device) -> None:
         """Resolve endpoints, configure the device and converge the link (idempotent)."""
-        for gateway in self.config.gateways:
-            runtime = self._runtime(gateway)
-            if runtime.endpoint is None:
-                await self._resolve_current(runtime)
-        await device.configure(self.device_config())
-        await converge_link(self.ifname, self.link_plan())
+        await self._apply(device)
         self.backend_name = device.backend_name
         log.info(
             "interface %s is up (%s backend): %s; %d gateway(s)",
@@ -192,6 +190,46 @@ class Tunnel:
             ", ".join(str(address) for address in self.config.interface.addresses),
             len(self.config.gateways),
         )
+
+    async def _apply(self, device: Device) -> None:
+        """Make the device and the link match ``self.config`` (sessions of kept peers survive)."""
+        for gateway in self.config.gateways:
+            runtime = self._runtime(gateway)
+            if runtime.endpoint is None:
+                await self._resolve_current(runtime)
+        await device.configure(self.device_config())
+        await converge_link(self.ifname, self.link_plan())
+
+    async def reconfigure(self, config: Config, tunnel_keys: TunnelKeys) -> None:
+        """Switch to a reloaded ``config``, touching only what changed.
+
+        A gateway keeps its health machine, endpoint and session unless its own settings or
+        ``[health]`` changed; then it gets a fresh machine (which goes straight to "up" when the
+        handshake is fresh). The caller has checked that nothing needing a restart changed.
+        """
+        async with self._device_lock:
+            health_changed = config.health != self.config.health
+            self.config, self._keys = config, tunnel_keys
+            wanted = {gateway.name: gateway for gateway in config.gateways}
+            for name in list(self.gateways):
+                if name not in wanted:
+                    del self.gateways[name]
+            for name, gateway in wanted.items():
+                runtime = self.gateways.get(name)
+                if runtime is None:
+                    continue  # new: _apply creates it
+                changed = runtime.config != gateway
+                if gateway.endpoints != runtime.config.endpoints:
+                    runtime.endpoint_index, runtime.endpoint = 0, None
+                # Always the new object: device_config(without=...) compares by identity.
+                runtime.config = gateway
+                if changed or health_changed:
+                    runtime.health = PeerHealth.for_gateway(
+                        config.health, gateway, now=trio.current_time(),
+                        counters=runtime.health.counters,
+                    )  # fmt: skip
+            if self._device is not None:  # else the next build uses the new config
+                await self._apply(self._device)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bring the tunnel up, report started, keep it up until cancelled; tear down.
@@ -215,7 +253,11 @@ class Tunnel:
                     self._new_generation()
                     if self.generation == 1:
                         task_status.started()
-                    await self._supervise(device)
+                    self._device = device
+                    try:
+                        await self._supervise(device)
+                    finally:
+                        self._device = None
             except Exception as exc:
                 error = principal_error(exc)
                 if error is None or error.exit_code == 2:
@@ -251,7 +293,8 @@ class Tunnel:
             ]
             next_tick = min([self.last_tick + interval, *wakeups])
             await trio.sleep_until(max(next_tick, self.last_tick + MIN_TICK_SPACING_SECONDS))
-            await self.tick(device)
+            async with self._device_lock:
+                await self.tick(device)
 
     async def tick(self, device: Device) -> None:
         """One round: repair the link, observe every gateway, act on what the machines decide."""

@@ -245,3 +245,19 @@ def test_check_config_never_prints_the_shared_secret(
     assert f'value_file = "{tmp_path / "backend.secret"}"' in out
     assert 'name = "x-backend-secret"' in out
     assert "hunter2" not in out
+
+
+def test_reload_refuses_an_invalid_config_without_signalling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, VALID.replace('address = ["10.44.0.2/24"]', "address = 7"))
+    assert main(["reload", "-c", str(path)]) == 2
+    assert "interface.address" in capsys.readouterr().err
+
+
+def test_reload_without_a_running_daemon_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, VALID.replace("tunneld0", "tdnotrunning0"))
+    assert main(["reload", "-c", str(path)]) == 1
+    assert "no running tunneld manages tdnotrunning0" in capsys.readouterr().err

@@ -81,15 +81,33 @@ class HttpProxy:
         secrets: Mapping[str, bytes] = {},
         observer: Observer | None = None,
     ) -> None:
-        self._config = proxy
-        self._router = Router(services)
         self._observer: Observer = observer or NullObserver()
-        self._services: dict[str, Service] = {}
-        #: (header name, secret) by name, for the services with ``require_header``.
-        self._credentials: dict[str, tuple[bytes, bytes]] = {}
         self._draining = False
         #: The deadlines of keep-alive connections idling between requests: a drain ends them.
         self._idle_waits: set[trio.CancelScope] = set()
+        self._config = proxy
+        self._router = Router(())
+        self._services: dict[str, Service] = {}
+        #: (header name, secret) by name, for the services with ``require_header``.
+        self._credentials: dict[str, tuple[bytes, bytes]] = {}
+        self._retired: list[Service] = []
+        self.reconfigure(services, proxy, secrets=secrets)
+
+    def reconfigure(
+        self,
+        services: Sequence[ServiceConfig],
+        proxy: ProxyConfig,
+        *,
+        secrets: Mapping[str, bytes] = {},
+    ) -> None:
+        """Route the next requests by ``services``; requests in flight finish as they began.
+
+        A service whose settings did not change keeps its origin pool; a changed or removed
+        one's pool is retired (closed by :meth:`close_retired`). Raises ``ConfigError`` (and
+        changes nothing) if a ``require_header`` secret is missing.
+        """
+        credentials: dict[str, tuple[bytes, bytes]] = {}
+        table: dict[str, Service] = {}
         for service in services:
             if service.protocol != "http":
                 continue
@@ -100,8 +118,18 @@ class HttpProxy:
                     raise ConfigError(
                         f"service {service.name!r}: the require_header secret was not loaded"
                     )
-                self._credentials[service.name] = (required.name.lower().encode("ascii"), secret)
-            self._services[service.name] = Service(service, proxy)
+                credentials[service.name] = (required.name.lower().encode("ascii"), secret)
+            kept = self._services.get(service.name)
+            if kept is not None and kept.config == service and proxy == self._config:
+                table[service.name] = kept
+            else:
+                table[service.name] = Service(service, proxy)
+        self._retired.extend(
+            service for name, service in self._services.items() if table.get(name) is not service
+        )
+        # No await from here on: a request sees the old tables or the new ones, never a mix.
+        self._config, self._router = proxy, Router(services)
+        self._services, self._credentials = table, credentials
 
     # -- public API --------------------------------------------------------------------------
 
@@ -146,8 +174,15 @@ class HttpProxy:
         for service in self._services.values():
             await service.pool.sweep()
 
+    async def close_retired(self) -> None:
+        """Close the idle origin connections of services a reload replaced or removed."""
+        retired, self._retired = self._retired, []
+        for service in retired:
+            await service.pool.aclose()
+
     async def aclose(self) -> None:
         """Close the pooled origin connections (in-use ones close when their request ends)."""
+        await self.close_retired()
         for service in self._services.values():
             await service.pool.aclose()
 

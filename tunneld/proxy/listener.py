@@ -29,7 +29,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -53,6 +53,16 @@ ACCEPT_ERROR_LOG_INTERVAL_SECONDS = 10.0
 EXCESS_DEADLINE_SECONDS = 5.0
 
 Handler = Callable[[trio.SocketStream, str], Awaitable[None]]
+
+
+class AllowedSources:
+    """The client networks a listener accepts; a reload may replace them under open listeners."""
+
+    def __init__(self, networks: Iterable[IPNetwork]) -> None:
+        self.networks = tuple(networks)
+
+    def __contains__(self, address: IPAddress) -> bool:
+        return any(address in network for network in self.networks)
 
 
 async def open_tunnel_listeners(
@@ -131,7 +141,7 @@ async def serve(
     listeners: Sequence[trio.SocketListener],
     handler: Handler,
     *,
-    allowed_sources: Sequence[IPNetwork],
+    allowed_sources: AllowedSources | Iterable[IPNetwork],
     limiter: trio.CapacityLimiter,
     on_excess: Callable[[trio.SocketStream], Awaitable[None]] | None = None,
     counters: ConnectionCounters | None = None,
@@ -149,12 +159,20 @@ async def serve(
     is: ``aclose()`` the listeners, then wait for this under a deadline, then cancel it.
     """
     counters = counters if counters is not None else ConnectionCounters()
-    networks = tuple(allowed_sources)
+    if not isinstance(allowed_sources, AllowedSources):
+        allowed_sources = AllowedSources(allowed_sources)
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(
-                    _accept_loop, listener, handler, networks, limiter, on_excess, counters, nursery
+                    _accept_loop,
+                    listener,
+                    handler,
+                    allowed_sources,
+                    limiter,
+                    on_excess,
+                    counters,
+                    nursery,
                 )
             # The sockets already listen: connections queue in the backlog from here on.
             task_status.started(counters)
@@ -166,7 +184,7 @@ async def serve(
 async def _accept_loop(
     listener: trio.SocketListener,
     handler: Handler,
-    networks: tuple[IPNetwork, ...],
+    allowed_sources: AllowedSources,
     limiter: trio.CapacityLimiter,
     on_excess: Callable[[trio.SocketStream], Awaitable[None]] | None,
     counters: ConnectionCounters,
@@ -197,7 +215,7 @@ async def _accept_loop(
             await trio.sleep(ACCEPT_BACKOFF_SECONDS)
             continue
         client_ip = _peer_ip(stream)
-        if client_ip is None or not any(client_ip in network for network in networks):
+        if client_ip is None or client_ip not in allowed_sources:
             counters.rejected_sources += 1
             log.debug("closed a connection from %s: not an allowed source", client_ip)
             await trio.aclose_forcefully(stream)

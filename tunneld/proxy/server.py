@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
@@ -20,9 +21,9 @@ from tunneld.config import Config
 from tunneld.config_proxy import ServiceConfig
 from tunneld.proxy.delivery import wait_until_delivered
 from tunneld.proxy.http import HttpProxy
-from tunneld.proxy.listener import open_tunnel_listeners, serve
+from tunneld.proxy.listener import AllowedSources, open_tunnel_listeners, serve
 from tunneld.proxy.tcp import relay
-from tunneld.wireguard.model import IPNetwork
+from tunneld.wireguard.model import IPAddress, IPNetwork
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +57,77 @@ class InterfaceGenerations(Protocol):
     async def wait_for_new_interface(self, generation: int) -> None: ...
 
 
+@dataclass(frozen=True)
+class ListenerGroup:
+    """The listeners on one port. Equal groups are interchangeable: a reload keeps those."""
+
+    port: int
+    service: str | None  # the TCP service's name; None: the HTTP services
+    addresses: tuple[IPAddress, ...]
+
+    @property
+    def what(self) -> str:
+        return "HTTP services" if self.service is None else f"TCP service {self.service}"
+
+
+def listener_groups(config: Config) -> list[ListenerGroup]:
+    """Every port ``config`` listens on: the HTTP port if there is an HTTP service, and each
+    TCP service's own port."""
+    addresses = tuple(address.ip for address in config.interface.addresses)
+    groups = []
+    if any(service.protocol == "http" for service in config.services):
+        groups.append(ListenerGroup(config.proxy.http_port, None, addresses))
+    for service in config.services:
+        if service.protocol == "tcp" and service.listen_port is not None:
+            groups.append(ListenerGroup(service.listen_port, service.name, addresses))
+    return groups
+
+
 class Proxy:
-    """Owns the listeners and the HTTP proxy's upstream pools for one config.
+    """Owns the listeners and the HTTP proxy's upstream pools.
 
     Listeners live as long as one build of the interface: ``SO_BINDTODEVICE`` holds an ifindex,
     so when the tunnel rebuilds the interface they are closed and bound again. The HTTP proxy and
-    its upstream pools live as long as the daemon.
+    its upstream pools live as long as the daemon. A reload (:meth:`reconfigure`) closes only
+    the listeners that changed and opens only the new ones; open connections are never cut.
     """
 
     def __init__(self, config: Config, secrets: Mapping[str, bytes]) -> None:
         self.config = config
         self.http = HttpProxy(config.services, config.proxy, secrets=secrets)
         self.limiter = trio.CapacityLimiter(config.proxy.max_connections)
-        self._listeners: list[trio.SocketListener] = []
+        self._tcp_services = _tcp_services(config)
+        #: Shared by every listener, so a reload changes whom they accept without rebinding.
+        self._sources = AllowedSources(allowed_sources(config))
+        self._open: dict[ListenerGroup, list[trio.SocketListener]] = {}
+        self._nursery: trio.Nursery | None = None  # serving the current interface's listeners
+        self._listeners_lock = trio.Lock()  # an interface rebuild and a reload: one at a time
         self._idle = trio.Event()  # set whenever no listener group is serving
         self._idle.set()
+        self._stop_listening = trio.Event()  # the drain has begun
+
+    async def reconfigure(self, config: Config, secrets: Mapping[str, bytes]) -> None:
+        """Serve the reloaded ``config``: the services' new settings apply to new requests and
+        connections; listeners whose port or addresses changed are replaced.
+
+        Raises ``ConfigError`` with nothing changed if a service secret is missing, and
+        ``ProxyError`` if a new port cannot be bound (the other changes stay applied).
+        """
+        async with self._listeners_lock:
+            self.http.reconfigure(config.services, config.proxy, secrets=secrets)
+            self.config, self._tcp_services = config, _tcp_services(config)
+            self.limiter.total_tokens = config.proxy.max_connections
+            self._sources.networks = allowed_sources(config)
+            wanted = listener_groups(config)
+            for group in [group for group in self._open if group not in wanted]:
+                for listener in self._open.pop(group):
+                    await listener.aclose()  # its open connections carry on to their end
+                log.info("%s: stopped listening on port %d", group.what, group.port)
+            if self._nursery is not None:  # else the next build of the interface binds them
+                for group in wanted:
+                    if group not in self._open:
+                        await self._open_group(self._nursery, group)
+        await self.http.close_retired()
 
     async def run(
         self,
@@ -104,8 +161,10 @@ class Proxy:
 
         Returns whether they all did. The caller cancels whatever is left.
         """
-        for listener in self._listeners:
-            await listener.aclose()
+        self._stop_listening.set()
+        for listeners in self._open.values():
+            for listener in listeners:
+                await listener.aclose()
         await self.http.drain()
         with trio.move_on_after(grace_seconds):
             await self._idle.wait()
@@ -122,51 +181,52 @@ class Proxy:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Bind every listener on the current interface and serve until they are closed."""
-        config = self.config
-        addresses = [address.ip for address in config.interface.addresses]
-        ifname = config.interface.name
-        sources = allowed_sources(config)
         self._idle = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                groups: list[tuple[int, Handler, Handler | None, str]] = []
-                if any(service.protocol == "http" for service in config.services):
-                    groups.append(
-                        (
-                            config.proxy.http_port,
-                            self.http.handle,
-                            self.http.reject_overloaded,
-                            "HTTP services",
-                        )
-                    )
-                for service in config.services:
-                    if service.protocol == "tcp" and service.listen_port is not None:
-                        groups.append(
-                            (
-                                service.listen_port,
-                                _tcp_handler(service),
-                                None,
-                                f"TCP service {service.name}",
-                            )
-                        )
-                for port, handler, on_excess, what in groups:
-                    listeners = await open_tunnel_listeners(addresses, port, ifname)
-                    self._listeners.extend(listeners)
-                    await nursery.start(
-                        partial(
-                            serve,
-                            listeners,
-                            handler,
-                            allowed_sources=sources,
-                            limiter=self.limiter,
-                            on_excess=on_excess,
-                        )
-                    )
-                    log.info("%s listening on port %d", what, port)
+                async with self._listeners_lock:
+                    if not self._stop_listening.is_set():  # no new listeners during a drain
+                        for group in listener_groups(self.config):
+                            await self._open_group(nursery, group)
+                        self._nursery = nursery
                 task_status.started()
+                # Open for a reload's new listeners until the drain; then wait for the handlers.
+                await self._stop_listening.wait()
         finally:
-            self._listeners = []
+            self._nursery = None
+            self._open.clear()
             self._idle.set()
+
+    async def _open_group(self, nursery: trio.Nursery, group: ListenerGroup) -> None:
+        listeners = await open_tunnel_listeners(
+            list(group.addresses), group.port, self.config.interface.name
+        )
+        if group.service is None:
+            handler: Handler = self.http.handle
+            on_excess: Handler | None = self.http.reject_overloaded
+        else:
+            handler, on_excess = self._tcp_handler(self._tcp_services[group.service]), None
+        self._open[group] = listeners
+        await nursery.start(
+            partial(
+                serve,
+                listeners,
+                handler,
+                allowed_sources=self._sources,
+                limiter=self.limiter,
+                on_excess=on_excess,
+            )
+        )
+        log.info("%s listening on port %d", group.what, group.port)
+
+    def _tcp_handler(
+        self, service: ServiceConfig
+    ) -> Callable[[trio.SocketStream, str], Awaitable[None]]:
+        async def handle(stream: trio.SocketStream, client_address: str) -> None:
+            # The service's settings as of this connection (a reload may have changed them).
+            await relay(stream, client_address, self._tcp_services.get(service.name, service))
+
+        return handle
 
     async def _sweep_pools(self) -> None:
         while True:
@@ -177,8 +237,5 @@ class Proxy:
 Handler = Callable[..., Awaitable[None]]
 
 
-def _tcp_handler(service: ServiceConfig) -> Callable[[trio.SocketStream, str], Awaitable[None]]:
-    async def handle(stream: trio.SocketStream, client_address: str) -> None:
-        await relay(stream, client_address, service)
-
-    return handle
+def _tcp_services(config: Config) -> dict[str, ServiceConfig]:
+    return {service.name: service for service in config.services if service.protocol == "tcp"}
