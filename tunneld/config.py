@@ -49,6 +49,12 @@ from tunneld.config_health import (
     render_health,
     render_probe_address,
 )
+from tunneld.config_metrics import (
+    MetricsConfig,
+    check_ready_services,
+    read_metrics,
+    render_metrics,
+)
 from tunneld.config_proxy import (
     ProxyConfig,
     ServiceConfig,
@@ -89,7 +95,7 @@ MTU_MIN, MTU_MAX = 1280, 65535
 # Sections reachable from the environment: [table] ← TUNNELD_TABLE_<KEY>,
 # [[array]] ← TUNNELD_ARRAY_<N>_<KEY>, a sub-table of an entry ← TUNNELD_ARRAY_<N>_<SUB>_<KEY>
 # (no key of those entries starts with a sub-table's name and "_").
-_ENV_TABLES = ("interface", "health", "proxy")
+_ENV_TABLES = ("interface", "health", "proxy", "metrics")
 _ENV_ARRAYS = ("gateway", "service")
 _ENV_SUBTABLES = {"service": ("require_header", "tls")}
 
@@ -148,6 +154,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     services: tuple[ServiceConfig, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # --- sections -------------------------------------------------------------------------------
@@ -346,8 +353,10 @@ def _config(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Config:
         read_service(ctx, key_dirs.relative_to, i, table) for i, table in enumerate(tables)
     )
     check_services(ctx, proxy, services)
+    metrics = read_metrics(ctx, root.table("metrics"))
+    check_ready_services(ctx, metrics, [service.name for service in services])
     root.done()
-    return Config(ctx.label, interface, gateways, health, proxy, services)
+    return Config(ctx.label, interface, gateways, health, proxy, services, metrics)
 
 
 # --- environment and load_config ------------------------------------------------------------
@@ -503,4 +512,5 @@ def render_config(config: Config) -> str:
     lines += render_proxy(config.proxy)
     for service in config.services:
         lines += render_service(service)
+    lines += render_metrics(config.metrics)
     return "\n".join(lines) + "\n"

@@ -98,6 +98,7 @@ class ProxyConfig:
     trust_forwarded_headers: bool = False  # keep X-Forwarded-* from the gateway and append to them
     add_forwarded_header: bool = False  # also set RFC 7239 Forwarded
     shutdown_grace_seconds: float = 30.0  # on SIGTERM, in-flight requests get this long
+    access_log: bool = False  # one info line per request (off: a busy gateway floods the log)
 
 
 # --- limits and vocabulary ------------------------------------------------------------------
@@ -163,6 +164,7 @@ def read_proxy(
         trust_forwarded_headers=table.boolean("trust_forwarded_headers", False),
         add_forwarded_header=table.boolean("add_forwarded_header", False),
         shutdown_grace_seconds=table.seconds("shutdown_grace", defaults.shutdown_grace_seconds),
+        access_log=table.boolean("access_log", False),
     )
     table.done()
     return proxy
@@ -509,6 +511,7 @@ def render_proxy(proxy: ProxyConfig) -> list[str]:
             trust_forwarded_headers=proxy.trust_forwarded_headers,
             add_forwarded_header=proxy.add_forwarded_header,
             shutdown_grace=proxy.shutdown_grace_seconds,
+            access_log=proxy.access_log,
         ),
     ]
 

@@ -544,8 +544,8 @@ def test_interface_of_the_wrong_type() -> None:
 
 
 def test_unknown_section() -> None:
-    assert problems(write(extra="[metrics]\nlisten = '127.0.0.1:9477'\n")) == [
-        "tunneld.toml: metrics: unknown key"
+    assert problems(write(extra="[tracing]\nlisten = '127.0.0.1:9477'\n")) == [
+        "tunneld.toml: tracing: unknown key"
     ]
     assert problems(write(extra="[helth]\nprobe = 'icmp'\n")) == [
         'tunneld.toml: helth: unknown key; did you mean "health"?'
@@ -816,16 +816,16 @@ def test_unknown_environment_variables() -> None:
         "TUNNELD_INTERFACE_ADRESS": "10.44.0.2/24",
         "TUNNELD_GATEWAY_0_COLOUR": "blue",
         "TUNNELD_GATEWAY_NAME": "edge",
-        "TUNNELD_METRICS_LISTEN": "127.0.0.1:9477",
+        "TUNNELD_TRACING_LISTEN": "127.0.0.1:9477",
     }
     forms = (
-        "TUNNELD_INTERFACE_<KEY>, TUNNELD_HEALTH_<KEY>, TUNNELD_PROXY_<KEY>,"
+        "TUNNELD_INTERFACE_<KEY>, TUNNELD_HEALTH_<KEY>, TUNNELD_PROXY_<KEY>, TUNNELD_METRICS_<KEY>,"
         " TUNNELD_GATEWAY_<N>_<KEY>,"
         f" TUNNELD_SERVICE_<N>_<KEY>, {', '.join(sorted(RESERVED_ENV))}"
     )
     assert problems(write(), environ) == [
         f"environment: TUNNELD_GATEWAY_NAME: unknown variable; expected {forms}",
-        f"environment: TUNNELD_METRICS_LISTEN: unknown variable; expected {forms}",
+        f"environment: TUNNELD_TRACING_LISTEN: unknown variable; expected {forms}",
         "environment: TUNNELD_INTERFACE_ADRESS: unknown variable;"
         " did you mean TUNNELD_INTERFACE_ADDRESS?",
         "environment: TUNNELD_GATEWAY_0_COLOUR: unknown variable",
@@ -989,3 +989,43 @@ hosts = st.one_of(dns_names, st.ip_addresses().map(str))
 @given(st.builds(HostPort, hosts, st.integers(1, 65535)))
 def test_host_port_parse_inverts_str(host_port: HostPort) -> None:
     assert HostPort.parse(str(host_port)) == host_port
+
+
+# --- [metrics] ------------------------------------------------------------------------------
+
+SERVICE = (
+    '\n[[service]]\nname = "billing"\nhosts = ["billing"]\nupstream = "http://127.0.0.1:8080"\n'
+)
+
+
+def test_metrics_listen_on_loopback_by_default_or_where_told() -> None:
+    assert load_config(write(), environ={}).metrics.listen == HostPort("127.0.0.1", 9477)
+    told = load_config(write(extra='[metrics]\nlisten = "[::]:9100"\n'), environ={})
+    assert told.metrics.listen == HostPort("::", 9100)
+    off = load_config(write(extra='[metrics]\nlisten = "off"\n'), environ={})
+    assert off.metrics.listen is None
+    from_env = load_config(write(), environ={"TUNNELD_METRICS_LISTEN": "10.0.0.5:9477"})
+    assert from_env.metrics.listen == HostPort("10.0.0.5", 9477)
+
+
+def test_metrics_bad_input_is_named() -> None:
+    assert problems(write(extra='[metrics]\nlisten = "localhost:9477"\n')) == [
+        'tunneld.toml: metrics.listen: "localhost:9477": listen on an IP address, not a name'
+    ]
+    assert problems(write(extra='[metrics]\nlisten = "127.0.0.1"\n')) == [
+        'tunneld.toml: metrics.listen: "127.0.0.1" is not host:port (missing :port), '
+        'e.g. "127.0.0.1:9477", or "off"'
+    ]
+    assert problems(write(extra=SERVICE + '[metrics]\nready_services = ["biling"]\n')) == [
+        'tunneld.toml: metrics.ready_services[0]: "biling" is not a [[service]] name '
+        "(services: billing)"
+    ]
+
+
+def test_metrics_and_access_log_render_and_read_back() -> None:
+    extra = SERVICE + '[proxy]\naccess_log = true\n[metrics]\nready_services = ["billing"]\n'
+    original = load_config(write(extra=extra), environ={})
+    assert original.proxy.access_log and original.metrics.ready_services == ("billing",)
+    Path("rendered.toml").write_text(render_config(original))
+    reread = load_config(Path("rendered.toml"), environ={})
+    assert reread == dataclasses.replace(original, source="rendered.toml")
