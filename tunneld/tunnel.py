@@ -24,6 +24,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -35,7 +36,7 @@ from tunneld.health import Action, Observation, PeerHealth, PeerState
 from tunneld.probe import ProbeError, icmp_socket_kind, probe_gateway
 from tunneld.wireguard.device import Device, open_device
 from tunneld.wireguard.links import LinkPlan, converge_link, routes_needed
-from tunneld.wireguard.model import DeviceConfig, Endpoint, PeerConfig
+from tunneld.wireguard.model import DeviceConfig, DeviceStats, Endpoint, PeerConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,24 @@ class GatewayRuntime:
         return self.config.name
 
 
+class ProbeObserver(Protocol):
+    """Told of every probe (metrics hook)."""
+
+    def probe_done(self, gateway: str, seconds: float, *, answered: bool) -> None: ...
+
+
 class Tunnel:
     """Owns the WireGuard device for one config, and keeps its gateways healthy."""
 
-    def __init__(self, config: Config, tunnel_keys: TunnelKeys) -> None:
+    def __init__(
+        self, config: Config, tunnel_keys: TunnelKeys, *, observer: ProbeObserver | None = None
+    ) -> None:
         self.config = config
         self._keys = tunnel_keys
+        self._observer = observer
+        #: What the device reported at the last tick (None while there is no device): status
+        #: and metrics read this instead of asking the device from their own task.
+        self.last_stats: DeviceStats | None = None
         self.gateways: dict[str, GatewayRuntime] = {}
         self.generation = 0  # how many times the interface has been built
         self.repairs = 0  # how many times it had to be rebuilt
@@ -257,7 +270,7 @@ class Tunnel:
                     try:
                         await self._supervise(device)
                     finally:
-                        self._device = None
+                        self._device, self.last_stats = None, None
             except Exception as exc:
                 error = principal_error(exc)
                 if error is None or error.exit_code == 2:
@@ -306,7 +319,7 @@ class Tunnel:
         ]
         if resolved:  # booted without DNS, and now it answers: one update for all of them
             await device.configure(self.device_config())
-        stats = await device.stats()
+        stats = self.last_stats = await device.stats()
         probes = await self._probe_all()
         wall_now = time.time()
         for runtime in list(self.gateways.values()):
@@ -331,6 +344,7 @@ class Tunnel:
             address = runtime.config.probe_address
             if address is None:
                 return
+            started = trio.current_time()
             try:
                 await probe_gateway(self.config.health, address, ifname=self.ifname)
             except ProbeError as exc:
@@ -341,6 +355,10 @@ class Tunnel:
             else:
                 results[runtime.name] = True
                 runtime.last_probe_error = None
+            if self._observer is not None:
+                self._observer.probe_done(
+                    runtime.name, trio.current_time() - started, answered=results[runtime.name]
+                )
 
         if self.config.health.probe != "none":
             async with trio.open_nursery() as nursery:

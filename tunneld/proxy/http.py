@@ -22,6 +22,7 @@ Decisions:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -82,6 +83,8 @@ class HttpProxy:
         observer: Observer | None = None,
     ) -> None:
         self._observer: Observer = observer or NullObserver()
+        #: Requests being forwarded (an upgraded WebSocket counts until it closes), by service.
+        self.active: collections.Counter[str] = collections.Counter()
         self._draining = False
         #: The deadlines of keep-alive connections idling between requests: a drain ends them.
         self._idle_waits: set[trio.CancelScope] = set()
@@ -240,7 +243,7 @@ class HttpProxy:
             events.popleft()
         config = self._router.match(head.host.decode("latin-1"), head.target.decode("latin-1"))
         if config is None:
-            self._observer.request_done("", 404, trio.current_time() - started)
+            self._request_done("", 404, started, head, address)
             # Unrouted: the client gets no longer to send its next request than for a head.
             return await self._answer_error(
                 client,
@@ -253,7 +256,7 @@ class HttpProxy:
         name = config.name
         credential = self._credentials.get(name)
         if credential is not None and not has_required_header(head.headers, *credential):
-            self._observer.request_done(name, 401, trio.current_time() - started)
+            self._request_done(name, 401, started, head, address)
             return await self._answer_error(
                 client,
                 head,
@@ -263,10 +266,11 @@ class HttpProxy:
                 idle_timeout=config.idle_timeout_seconds,
             )
         exchange = Exchange(client, head, self._services[name], self._observer.upstream_error)
+        self.active[name] += 1
         try:
             status, keep_alive = await exchange.forward(address)
         except ExchangeFailed as failure:
-            self._observer.request_done(name, failure.status, trio.current_time() - started)
+            self._request_done(name, failure.status, started, head, address)
             return await self._answer_error(
                 client,
                 head,
@@ -276,14 +280,32 @@ class HttpProxy:
                 idle_timeout=config.idle_timeout_seconds,
             )
         except ExchangeAborted as abort:
-            self._observer.request_done(name, abort.status, trio.current_time() - started)
+            self._request_done(name, abort.status, started, head, address)
             return None
-        self._observer.request_done(name, status, trio.current_time() - started)
+        finally:
+            self.active[name] -= 1
+        self._request_done(name, status, started, head, address)
         if keep_alive:
             return config.idle_timeout_seconds
         if not exchange.request_read:
             await _linger(client.stream)  # the origin answered before the upload ended
         return None
+
+    def _request_done(
+        self, name: str, status: int, started: float, head: RequestHead, address: str
+    ) -> None:
+        duration = trio.current_time() - started
+        self._observer.request_done(name, status, duration)
+        if self._config.access_log:
+            log.info(
+                "%s %s %s %s → %d in %.1f ms",
+                address,
+                name or "-",
+                printable(head.method),
+                printable(head.target),
+                status,
+                duration * 1000,
+            )
 
     async def _answer_error(
         self,

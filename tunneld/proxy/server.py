@@ -8,6 +8,7 @@ client connections across all listeners.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from tunneld import keys
 from tunneld.config import Config
 from tunneld.config_proxy import ServiceConfig
 from tunneld.proxy.delivery import wait_until_delivered
-from tunneld.proxy.http import HttpProxy
+from tunneld.proxy.http import HttpProxy, Observer
 from tunneld.proxy.listener import AllowedSources, open_tunnel_listeners, serve
 from tunneld.proxy.tcp import relay
 from tunneld.wireguard.model import IPAddress, IPNetwork
@@ -92,11 +93,14 @@ class Proxy:
     the listeners that changed and opens only the new ones; open connections are never cut.
     """
 
-    def __init__(self, config: Config, secrets: Mapping[str, bytes]) -> None:
+    def __init__(
+        self, config: Config, secrets: Mapping[str, bytes], *, observer: Observer | None = None
+    ) -> None:
         self.config = config
-        self.http = HttpProxy(config.services, config.proxy, secrets=secrets)
+        self.http = HttpProxy(config.services, config.proxy, secrets=secrets, observer=observer)
         self.limiter = trio.CapacityLimiter(config.proxy.max_connections)
         self._tcp_services = _tcp_services(config)
+        self.tcp_active: collections.Counter[str] = collections.Counter()  # open relays
         #: Shared by every listener, so a reload changes whom they accept without rebinding.
         self._sources = AllowedSources(allowed_sources(config))
         self._open: dict[ListenerGroup, list[trio.SocketListener]] = {}
@@ -105,6 +109,13 @@ class Proxy:
         self._idle = trio.Event()  # set whenever no listener group is serving
         self._idle.set()
         self._stop_listening = trio.Event()  # the drain has begun
+
+    def active_connections(self) -> dict[str, int]:
+        """Open connections by service: HTTP requests being forwarded, TCP relays."""
+        return {
+            service.name: self.http.active[service.name] + self.tcp_active[service.name]
+            for service in self.config.services
+        }
 
     async def reconfigure(self, config: Config, secrets: Mapping[str, bytes]) -> None:
         """Serve the reloaded ``config``: the services' new settings apply to new requests and
@@ -223,8 +234,12 @@ class Proxy:
         self, service: ServiceConfig
     ) -> Callable[[trio.SocketStream, str], Awaitable[None]]:
         async def handle(stream: trio.SocketStream, client_address: str) -> None:
-            # The service's settings as of this connection (a reload may have changed them).
-            await relay(stream, client_address, self._tcp_services.get(service.name, service))
+            self.tcp_active[service.name] += 1
+            try:
+                # The service's settings as of this connection (a reload may have changed them).
+                await relay(stream, client_address, self._tcp_services.get(service.name, service))
+            finally:
+                self.tcp_active[service.name] -= 1
 
         return handle
 
