@@ -17,7 +17,6 @@ import time
 import urllib.parse
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -28,6 +27,7 @@ from tunneld.config_reader import quote
 from tunneld.errors import principal_error
 from tunneld.preflight import interface_lock, require_net_admin, running_daemon_pid
 from tunneld.proxy.routes import Router
+from tunneld.status import device_report, format_status
 from tunneld.tunnel import Tunnel, load_tunnel_keys
 from tunneld.wireguard.device import delete_device, existing_device, open_device
 from tunneld.wireguard.model import DeviceStats
@@ -159,57 +159,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     backend, stats = found
     names = {gateway.public_key: gateway.name for gateway in config.gateways} if config else {}
-    report = status_report(ifname, backend, stats, names, now=time.time())
+    report = device_report(ifname, backend, stats, names, now=time.time())
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return EXIT_OK
-
-
-def status_report(
-    ifname: str, backend: str, stats: DeviceStats, names: dict[bytes, str], *, now: float
-) -> dict[str, Any]:
-    """The status of a device as plain JSON-able data (also the shape of ``--json``)."""
-    peers = []
-    for peer in stats.peers:
-        handshake = peer.last_handshake_unix_seconds
-        peers.append(
-            {
-                "name": names.get(peer.public_key),
-                "public_key": keys.encode_key(peer.public_key),
-                "endpoint": str(peer.endpoint) if peer.endpoint else None,
-                "last_handshake_unix_seconds": handshake,
-                "handshake_age_seconds": None if handshake is None else max(0.0, now - handshake),
-                "receive_bytes": peer.receive_bytes,
-                "transmit_bytes": peer.transmit_bytes,
-                "persistent_keepalive_seconds": peer.persistent_keepalive_seconds,
-                "allowed_ips": [str(network) for network in peer.allowed_ips],
-            }
-        )
-    return {
-        "interface": ifname,
-        "backend": backend,
-        "public_key": keys.encode_key(stats.public_key) if stats.public_key else None,
-        "listen_port": stats.listen_port,
-        "peers": peers,
-    }
-
-
-def format_status(report: dict[str, Any]) -> str:
-    lines = [
-        f"interface: {report['interface']} ({report['backend']} backend)",
-        f"  public key: {report['public_key'] or '(none)'}",
-        f"  listening port: {report['listen_port']}",
-    ]
-    for peer in report["peers"]:
-        age = peer["handshake_age_seconds"]
-        lines += [
-            "",
-            f"peer: {peer['name'] or '(not in config)'} {peer['public_key']}",
-            f"  endpoint: {peer['endpoint'] or '(none)'}",
-            f"  latest handshake: {'never' if age is None else f'{age:.0f}s ago'}",
-            f"  transfer: {peer['receive_bytes']} B received, {peer['transmit_bytes']} B sent",
-            f"  allowed ips: {', '.join(peer['allowed_ips']) or '(none)'}",
-        ]
-    return "\n".join(lines)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
