@@ -8,6 +8,7 @@ missing privilege or WireGuard implementation — things a person must fix befor
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import logging
 import os
@@ -17,11 +18,12 @@ import time
 import urllib.parse
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from tunneld import __version__, daemon, keys, logs
-from tunneld.config import Config, load_config, render_config
+from tunneld.config import Config, HostPort, load_config, render_config
 from tunneld.config_proxy import ServiceConfig
 from tunneld.config_reader import quote
 from tunneld.errors import principal_error
@@ -62,10 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     with_config("up", "bring the interface up and exit, leaving it configured (for debugging)")
     down = with_config("down", "remove the interface and everything on it")
     down.add_argument("-i", "--interface", help="interface name (default: from the config)")
-    status = with_config("status", "show the interface, public key and each gateway peer")
+    status = with_config(
+        "status",
+        "show the interface, public key and each gateway peer (from the running daemon's "
+        "/status, else from the interface itself)",
+    )
     status.add_argument("-i", "--interface", help="interface name (default: from the config)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     with_config("check-config", "validate the config and print it as tunneld sees it")
+    with_config(
+        "ready",
+        "ask the running daemon's /readyz: exit 0 if ready, 1 if not (for health checks)",
+    )
     with_config(
         "reload",
         "validate the config, then tell the running daemon to apply it (SIGHUP); exit 2 and "
@@ -148,20 +158,78 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     ifname, config = _interface_name(args)
+    listen = config.metrics.listen if config is not None else None
+    report = None
+    if listen is not None:
+        report = _daemon_status(listen, ifname)
+    if report is None:  # no daemon (or no endpoint): what the interface itself says
+        report = _device_status(ifname, config)
+        if report is None:
+            print(f"{ifname}: no such interface", file=sys.stderr)
+            return EXIT_FAILURE
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return EXIT_OK
 
+
+def _daemon_status(listen: HostPort, ifname: str) -> dict[str, Any] | None:
+    """The running daemon's ``/status``, or None if no daemon for ``ifname`` answers."""
+    try:
+        status, body = fetch(listen, "/status")
+        report = json.loads(body)
+    except (OSError, ValueError):
+        return None
+    if status != 200 or not isinstance(report, dict) or report.get("interface") != ifname:
+        return None  # another daemon's endpoint, or not ours at all
+    return report
+
+
+def _device_status(ifname: str, config: Config | None) -> dict[str, Any] | None:
     async def read() -> tuple[str, DeviceStats] | None:
         device = await existing_device(ifname)
         return None if device is None else (device.backend_name, await device.stats())
 
     found = trio.run(read)
     if found is None:
-        print(f"{ifname}: no such interface", file=sys.stderr)
-        return EXIT_FAILURE
+        return None
     backend, stats = found
     names = {gateway.public_key: gateway.name for gateway in config.gateways} if config else {}
-    report = device_report(ifname, backend, stats, names, now=time.time())
-    print(json.dumps(report, indent=2) if args.json else format_status(report))
-    return EXIT_OK
+    return device_report(ifname, backend, stats, names, now=time.time())
+
+
+def _cmd_ready(args: argparse.Namespace) -> int:
+    config = _load(args)
+    listen = config.metrics.listen
+    if listen is None:
+        print('tunneld ready: [metrics] listen = "off": there is no /readyz to ask',
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    try:
+        status, body = fetch(listen, "/readyz")
+    except OSError as exc:
+        print(f"not ready: no tunneld answers on {listen} ({exc.strerror or exc})")
+        return EXIT_FAILURE
+    if status == 200:
+        print("ready")
+        return EXIT_OK
+    try:
+        reasons = json.loads(body).get("reasons", [])
+    except (ValueError, AttributeError):
+        reasons = [f"HTTP {status}"]
+    print("not ready: " + "; ".join(str(reason) for reason in reasons))
+    return EXIT_FAILURE
+
+
+def fetch(listen: HostPort, path: str, timeout: float = 3.0) -> tuple[int, bytes]:
+    """GET ``path`` from the daemon's endpoint at ``listen`` (a wildcard means this host)."""
+    wildcard_to_loopback = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 -- not a bind
+    host = wildcard_to_loopback.get(listen.host, listen.host)
+    connection = http.client.HTTPConnection(host, listen.port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -247,6 +315,7 @@ _COMMANDS = {
     "down": _cmd_down,
     "status": _cmd_status,
     "check-config": _cmd_check_config,
+    "ready": _cmd_ready,
     "reload": _cmd_reload,
     "route-test": _cmd_route_test,
     "genkey": _cmd_genkey,
