@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", choices=logs.LEVELS, help="default: $TUNNELD_LOG_LEVEL or info"
     )
+    parser.add_argument(
+        "--log-format", choices=logs.LOG_FORMATS, help="default: $TUNNELD_LOG_FORMAT or text"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help/--version exit 0, usage errors exit 2
         return int(exc.code or 0)
-    logs.configure(args.log_level)
+    logs.configure(args.log_level, args.log_format)
     handler = _COMMANDS[args.command]
     try:
         return handler(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 import textwrap
@@ -261,3 +262,14 @@ def test_reload_without_a_running_daemon_exits_1(
     path = write_config(tmp_path, VALID.replace("tunneld0", "tdnotrunning0"))
     assert main(["reload", "-c", str(path)]) == 1
     assert "no running tunneld manages tdnotrunning0" in capsys.readouterr().err
+
+
+def test_log_format_json_is_one_object_per_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, VALID.replace('address = ["10.44.0.2/24"]', "address = 7"))
+    assert main(["--log-format", "json", "check-config", "-c", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert records and all(record["level"] == "error" for record in records)
+    assert any("interface.address" in record["msg"] for record in records)
