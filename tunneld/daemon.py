@@ -17,9 +17,12 @@ import signal
 from collections.abc import Callable
 
 import trio
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from tunneld import keys, systemd
 from tunneld.config import Config
+from tunneld.metrics import Metrics
+from tunneld.observe import ObservabilityApp, serve_observability
 from tunneld.preflight import interface_lock, require_net_admin
 from tunneld.proxy.server import Proxy, load_service_secrets
 from tunneld.reload import Reloader
@@ -84,6 +87,9 @@ async def run(config: Config, load_config: Callable[[], Config]) -> None:
 
 
 async def _run_locked(config: Config, load_config: Callable[[], Config]) -> None:
+    # prometheus-client would add a *_created series to every counter: twice the series, for a
+    # timestamp that process_start_time_seconds already gives.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     tunnel_keys = await trio.to_thread.run_sync(
         lambda: load_tunnel_keys(config, create_missing=True)
     )
@@ -93,8 +99,9 @@ async def _run_locked(config: Config, load_config: Callable[[], Config]) -> None
         config.interface.name,
         keys.encode_key(keys.public_key(tunnel_keys.private_key)),
     )
-    tunnel = Tunnel(config, tunnel_keys)
-    proxy = Proxy(config, secrets)
+    metrics = Metrics(CollectorRegistry())
+    tunnel = Tunnel(config, tunnel_keys, observer=metrics)
+    proxy = Proxy(config, secrets, observer=metrics)
     shutdown, running = trio.Event(), trio.Event()
     notifier = systemd.Notifier.from_environ(unset_environment=True)
     reloader = Reloader(
@@ -106,9 +113,22 @@ async def _run_locked(config: Config, load_config: Callable[[], Config]) -> None
         notifier=notifier,
         status_line=tunnel.status_line,
     )
+    metrics.bind(tunnel=tunnel, proxy=proxy, reloader=reloader, is_draining=shutdown.is_set)
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, shutdown, running, nursery.cancel_scope)
         await nursery.start(_reload_on_hangup, reloader)
+        if config.metrics.listen is not None:
+            # Before the tunnel: /livez and /readyz answer during bring-up (a boot without
+            # network can take long), and a port already taken fails before the network is
+            # touched.
+            app = ObservabilityApp(
+                metrics.registry,
+                tunnel=tunnel,
+                proxy=proxy,
+                reloader=reloader,
+                is_draining=shutdown.is_set,
+            )
+            await nursery.start(serve_observability, config.metrics.listen, app)
         await nursery.start(tunnel.run)
         # Listeners need the interface and its addresses: after the tunnel.
         await nursery.start(proxy.run, tunnel)

@@ -30,6 +30,7 @@ RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("interface.name", lambda config: config.interface.name),
     ("interface.backend", lambda config: config.interface.backend),
     ("interface.userspace_binary", lambda config: config.interface.userspace_binary),
+    ("metrics.listen", lambda config: config.metrics.listen),
 )
 
 
@@ -46,7 +47,7 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     """What differs, in an operator's words: sections, and gateways and services by name."""
     changes = [
         f"[{section}] changed"
-        for section in ("interface", "health", "proxy")
+        for section in ("interface", "health", "proxy", "metrics")
         if getattr(old, section) != getattr(new, section)
     ]
     for kind, before, after in (

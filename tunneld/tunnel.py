@@ -19,6 +19,7 @@ Network trouble never ends the daemon; only errors a person must fix do (exit co
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -212,6 +213,15 @@ class Tunnel:
                 await self._resolve_current(runtime)
         await device.configure(self.device_config())
         await converge_link(self.ifname, self.link_plan())
+        self.last_stats = await device.stats()  # what status and metrics show: the new state
+
+    async def read_stats(self) -> DeviceStats | None:
+        """The device's stats now (for /status); the last tick's if it cannot answer."""
+        device = self._device
+        if device is not None:
+            with contextlib.suppress(TunneldError):  # the supervisor deals with a lost device
+                self.last_stats = await device.stats()
+        return self.last_stats
 
     async def reconfigure(self, config: Config, tunnel_keys: TunnelKeys) -> None:
         """Switch to a reloaded ``config``, touching only what changed.

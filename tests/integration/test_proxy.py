@@ -333,14 +333,17 @@ def test_only_the_tunnel_reaches_the_proxy(proxied: Proxied) -> None:
     finally:
         run("ip", "netns", "del", lan, check=False)
 
-    # Nothing of tunneld's listens on the underlay: every listening socket is on a tunnel address.
+    # Nothing of tunneld's listens on the underlay: every listening socket is on a tunnel address,
+    # but for the metrics and health endpoint on loopback (its default).
     listening = run("ip", "netns", "exec", topology.host_ns, "ss", "-Hltnp")
     ours = [line for line in listening.splitlines() if f"pid={proxied.daemon.pid}," in line]
-    assert ours, listening
-    for line in ours:
-        local = line.split()[3]
-        assert local.startswith((f"{HOST_TUNNEL}%", "[fd44::2]%")), line
-        assert f"%{topology.host_ifname}:" in local, line
+    locals_ = [line.split()[3] for line in ours]
+    assert "127.0.0.1:9477" in locals_, listening
+    proxy_sockets = [local for local in locals_ if local != "127.0.0.1:9477"]
+    assert proxy_sockets, listening
+    for local in proxy_sockets:
+        assert local.startswith((f"{HOST_TUNNEL}%", "[fd44::2]%")), local
+        assert f"%{topology.host_ifname}:" in local, local
 
 
 # --- policy and errors ------------------------------------------------------------------------

@@ -160,6 +160,7 @@ class HttpProxy:
 
     async def reject_overloaded(self, stream: trio.abc.Stream) -> None:
         """Answer 503 (``Connection: close``) without reading a request, and close."""
+        self._observer.request_done("", 503, 0.0)
         try:
             await _send_error(stream, 503, "too many connections, retry later", close=True)
             await _linger(stream, seconds=LINGER_SECONDS / 4)
