@@ -10,9 +10,12 @@ time only from ``Observation.now``.
 Each observation yields one *check*. For a probed peer the check is the probe's result; for a
 peer judged by its handshake alone (no probe) it is "is the handshake fresh?". ``failures``
 consecutive failed checks make a peer down. A failed probe does not count while data keeps
-arriving from the peer (its receive counter grew since the previous observation, and its
-handshake is fresh): WireGuard authenticates every packet, so the tunnel demonstrably works and
-only the probe is being dropped — "repairing" such a tunnel would interrupt real traffic.
+arriving from the peer (its receive counter grew while the probe ran — or, where that was not
+measured, since the previous observation — and its handshake is fresh): WireGuard authenticates
+every packet, so the tunnel demonstrably works and only the probe is being dropped —
+"repairing" such a tunnel would interrupt real traffic. Only data *during* the probe counts
+when it is known: a packet that arrived just before an outage must not excuse the first probe
+that fails after it.
 
 Besides, a probed peer whose handshake is stale (older than ``stale_handshake``, or gone) is
 down at once: its probe traffic renews a healthy session long before. A peer still waiting for
@@ -111,20 +114,34 @@ class Observation:
     transmit_bytes: int = 0
     probe_ok: bool | None = None
     endpoint: Endpoint | None = None  # as the backend reports it; counts endpoint changes
+    #: Whether the receive counter grew while the probe ran; None: not measured.
+    received_during_probe: bool | None = None
 
     @classmethod
     def from_stats(
-        cls, stats: PeerStats | None, *, now: float, wall_now: float, probe_ok: bool | None
+        cls,
+        stats: PeerStats | None,
+        *,
+        now: float,
+        wall_now: float,
+        probe_ok: bool | None,
+        before_probe: PeerStats | None = None,
     ) -> Observation:
         """The observation of a peer as the backend reports it (None: the device lacks it).
 
+        ``stats`` are read after the probe; ``before_probe``, if given, just before it.
         ``wall_now`` is ``time.time()``: backends report the last handshake in Unix time.
         """
         if stats is None:
             return cls(now, None, probe_ok=probe_ok)
         handshake = stats.last_handshake_unix_seconds
         age = None if handshake is None else max(0.0, wall_now - handshake)
-        return cls(now, age, stats.receive_bytes, stats.transmit_bytes, probe_ok, stats.endpoint)
+        during = None
+        if before_probe is not None and probe_ok is not None:
+            during = stats.receive_bytes > before_probe.receive_bytes
+        return cls(
+            now, age, stats.receive_bytes, stats.transmit_bytes, probe_ok, stats.endpoint, during
+        )
 
 
 @dataclass(frozen=True)
@@ -255,11 +272,13 @@ class PeerHealth:
             return None  # the first handshake is awaited: connect_grace_seconds judges that
         if not self.probing:
             return fresh
-        if observation.probe_ok is False and fresh and self._received_since_last(observation):
+        if observation.probe_ok is False and fresh and self._still_receiving(observation):
             return None  # the probe is dropped, but the tunnel carries traffic: excused
         return observation.probe_ok
 
-    def _received_since_last(self, observation: Observation) -> bool:
+    def _still_receiving(self, observation: Observation) -> bool:
+        if observation.received_during_probe is not None:
+            return observation.received_during_probe
         return self.last is not None and observation.receive_bytes > self.last.receive_bytes
 
     def _count(self, observation: Observation) -> None:

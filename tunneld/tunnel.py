@@ -309,13 +309,21 @@ class Tunnel:
 
     async def _supervise(self, device: Device) -> None:
         interval = self.config.health.interval_seconds
+        # Regular ticks start one interval apart, however long each took (a failing probe takes
+        # its whole timeout): counted from the end of the previous tick, `failures` checks
+        # would take failures x (interval + probe_timeout).
+        due = trio.current_time() + interval
         while True:
-            self.last_tick = trio.current_time()
+            self.last_tick = now = trio.current_time()
+            if due <= now:  # the tick that just ended overran a whole interval: no burst
+                due = now
             wakeups = [
                 at for runtime in self.gateways.values() if (at := runtime.health.wakeup_at())
             ]
-            next_tick = min([self.last_tick + interval, *wakeups])
-            await trio.sleep_until(max(next_tick, self.last_tick + MIN_TICK_SPACING_SECONDS))
+            next_tick = min([due, *wakeups])
+            await trio.sleep_until(max(next_tick, now + MIN_TICK_SPACING_SECONDS))
+            if trio.current_time() >= due:
+                due += interval
             async with self._device_lock:
                 await self.tick(device)
 
@@ -327,10 +335,15 @@ class Tunnel:
             for runtime in self.gateways.values()
             if runtime.endpoint is None and await self._resolve_current(runtime)
         ]
-        if resolved:  # booted without DNS, and now it answers: one update for all of them
-            await device.configure(self.device_config())
-        stats = self.last_stats = await device.stats()
+        for runtime in resolved:  # booted without DNS, and now it answers
+            # A fresh peer handshakes at once; the peer as it is would wait out WireGuard's
+            # REKEY_TIMEOUT (5 s) since its last attempt, made while it had no endpoint.
+            await self._reset_peer(device, runtime.config)
+        # Stats on both sides of the probe: a failed probe is excused only by data that
+        # arrived while it ran (see health.py), not by what came before an outage began.
+        before = await device.stats()
         probes = await self._probe_all()
+        stats = self.last_stats = await device.stats()
         wall_now = time.time()
         for runtime in list(self.gateways.values()):
             observation = Observation.from_stats(
@@ -338,6 +351,7 @@ class Tunnel:
                 now=trio.current_time(),
                 wall_now=wall_now,
                 probe_ok=probes.get(runtime.name),
+                before_probe=before.peer(runtime.config.public_key),
             )
             decision = runtime.health.observe(observation)
             if decision.transition is not None:

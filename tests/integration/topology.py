@@ -24,6 +24,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ class Topology:
         self.key_file = workdir / "private.key"
         self.config_file = workdir / "tunneld.toml"
         self.hosts_file = Path("/etc/netns") / self.host_ns / "hosts"
+        self.extra_gateways: list[ExtraGateway] = []  # add_gateway
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -245,6 +247,64 @@ class Topology:
             "ip", "-n", self.host_ns, "-6", "route", "show"
         )
 
+    # -- what tests break and change under a running daemon -------------------------------
+
+    def set_underlay(self, *, up: bool, side: str = "host") -> None:
+        """Set the underlay veth down or up: the host's end (its NIC) or the gateway's."""
+        ns, link = {
+            "host": (self.host_ns, f"vh{self.suffix}"),
+            "gateway": (self.gateway_ns, f"vg{self.suffix}"),
+        }[side]
+        run("ip", "-n", ns, "link", "set", link, "up" if up else "down")
+
+    def write_hosts(self, entries: dict[str, str]) -> None:
+        """Make the host namespace's /etc/hosts map each name to its address (and no others).
+
+        Written in place: ``ip netns exec`` bind-mounted this very inode over /etc/hosts when the
+        daemon started, so a new file renamed over it would go unseen.
+        """
+        lines = ["127.0.0.1 localhost", *(f"{address} {name}" for name, address in entries.items())]
+        self.hosts_file.write_text("\n".join(lines) + "\n")
+
+    def add_gateway(self, number: int = 2) -> ExtraGateway:
+        """Another stock WireGuard gateway (``edge-N``), in a namespace of its own.
+
+        It has its own veth to the host namespace (underlay 198.18.N-1.0/24: gateway .1, host .2)
+        and tunnel address 10.44.0.N+1 inside the host's 10.44.0.0/24; it is torn down in
+        ``close``. Its ``[[gateway]]`` table is :meth:`ExtraGateway.config_table`.
+        """
+        assert 2 <= number <= 9
+        gateway = ExtraGateway(
+            name=f"edge-{number}",
+            ns=f"tdgw{number}-{self.suffix}",
+            ifname=f"tdg{number}{self.suffix}",
+            veth=f"vg{number}{self.suffix}",
+            host_veth=f"vh{number}{self.suffix}",
+            underlay=f"198.18.{number - 1}.1",
+            host_underlay=f"198.18.{number - 1}.2",
+            tunnel=f"10.44.0.{number + 1}",
+        )
+        self.extra_gateways.append(gateway)  # torn down by close, even if the rest fails
+        run("ip", "netns", "add", gateway.ns)
+        run("ip", "-n", gateway.ns, "link", "set", "lo", "up")
+        run(
+            "ip", "link", "add", gateway.veth, "netns", gateway.ns,
+            "type", "veth", "peer", "name", gateway.host_veth, "netns", self.host_ns,
+        )  # fmt: skip
+        for ns, link, address in (
+            (gateway.ns, gateway.veth, gateway.underlay),
+            (self.host_ns, gateway.host_veth, gateway.host_underlay),
+        ):
+            run("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", link)
+            run("ip", "-n", ns, "link", "set", link, "up")
+        private_key = run("wg", "genkey").strip()
+        gateway.public_key = run("wg", "pubkey", input_text=private_key).strip()
+        gateway.key_file = self.workdir / f"{gateway.name}.key"
+        gateway.key_file.write_text(private_key + "\n")
+        gateway.key_file.chmod(0o600)
+        gateway.start(self.host_public_key)
+        return gateway
+
     # -- tear-down --------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -259,7 +319,8 @@ class Topology:
                 process.wait(timeout=10)
             if process.stdout is not None:
                 process.stdout.close()
-        for ns in (self.gateway_ns, self.host_ns):
+        extra_namespaces = [gateway.ns for gateway in self.extra_gateways]
+        for ns in (self.gateway_ns, self.host_ns, *extra_namespaces):
             # Anything still running inside (a wireguard-go that daemonized itself) goes first.
             pids = run("ip", "netns", "pids", ns, check=False).split()
             for pid in pids:
@@ -267,5 +328,51 @@ class Topology:
                     os.kill(int(pid), signal.SIGKILL)
             run("ip", "netns", "del", ns, check=False)
         shutil.rmtree(self.hosts_file.parent, ignore_errors=True)
-        for ifname in (self.gateway_ifname, self.host_ifname):
+        extra_ifnames = [gateway.ifname for gateway in self.extra_gateways]
+        for ifname in (self.gateway_ifname, self.host_ifname, *extra_ifnames):
             Path(f"/var/run/wireguard/{ifname}.sock").unlink(missing_ok=True)
+
+
+@dataclass
+class ExtraGateway:
+    """A further gateway made by :meth:`Topology.add_gateway` (the first is Topology's own)."""
+
+    name: str  # its [[gateway]] name, "edge-N"
+    ns: str
+    ifname: str  # its WireGuard interface
+    veth: str  # its underlay end
+    host_veth: str  # the host namespace's end
+    underlay: str  # its underlay address (the endpoint)
+    host_underlay: str
+    tunnel: str  # its tunnel address, /32 in its allowed_ips
+    public_key: str = ""
+    key_file: Path | None = None
+
+    def start(self, host_public_key: str) -> None:
+        """Start its wireguard-go and configure it with ``wg set``, as for the first gateway."""
+        assert self.key_file is not None
+        run("ip", "netns", "exec", self.ns, "wireguard-go", self.ifname)
+        run(
+            "ip", "netns", "exec", self.ns, "wg", "set", self.ifname,
+            "private-key", str(self.key_file), "listen-port", str(GATEWAY_PORT),
+            "peer", host_public_key, "allowed-ips", f"{HOST_TUNNEL}/32",
+        )  # fmt: skip
+        run("ip", "-n", self.ns, "addr", "add", f"{self.tunnel}/24", "dev", self.ifname)
+        run("ip", "-n", self.ns, "link", "set", self.ifname, "up")
+
+    def stop(self) -> None:
+        """The gateway goes away: its WireGuard link is deleted (wireguard-go exits with it)."""
+        run("ip", "-n", self.ns, "link", "del", self.ifname)
+
+    def config_table(self) -> str:
+        """Its ``[[gateway]]`` table for the connector's config (append it to ``services``)."""
+        return textwrap.dedent(
+            f"""
+            [[gateway]]
+            name = "{self.name}"
+            public_key = "{self.public_key}"
+            endpoints = ["{self.underlay}:{GATEWAY_PORT}"]
+            allowed_ips = ["{self.tunnel}/32"]
+            persistent_keepalive = 1
+            """
+        )

@@ -285,6 +285,39 @@ def test_a_failed_probe_is_excused_while_data_arrives_from_the_peer() -> None:
     assert peer.state is S.RECOVERING
 
 
+def test_only_data_during_the_probe_excuses_it_when_that_was_measured() -> None:
+    # The outage begins just after a packet arrived: the counter grew since the last tick,
+    # but not while the probe ran. That failed probe counts (else detection is a tick late).
+    peer = up(config=HealthConfig(failures=2))
+    seen(peer, 5.0, rx=1000)
+    lost = Observation(10.0, FRESH, 1500, 0, False, received_during_probe=False)
+    assert peer.observe(lost).transition == Transition(
+        S.UP, S.DEGRADED, "probe failed (1 of 2)", 10.0
+    )
+    # A probe dropped while traffic flows through it is excused: not the second failure.
+    busy = Observation(15.0, FRESH, 2000, 0, False, received_during_probe=True)
+    assert peer.observe(busy).transition is None
+    assert (peer.state, peer.consecutive_failures) == (S.DEGRADED, 1)
+
+
+def test_received_during_probe_is_read_from_the_stats_on_both_sides() -> None:
+    before = PeerStats(b"k" * 32, receive_bytes=100)
+    after = dataclasses.replace(before, receive_bytes=148)
+    now = {"now": 1.0, "wall_now": 2.0}
+    assert Observation.from_stats(
+        after, probe_ok=False, before_probe=before, **now
+    ).received_during_probe
+    same = Observation.from_stats(before, probe_ok=False, before_probe=before, **now)
+    assert same.received_during_probe is False
+    assert Observation.from_stats(after, probe_ok=False, **now).received_during_probe is None
+    assert (
+        Observation.from_stats(
+            after, probe_ok=None, before_probe=before, **now
+        ).received_during_probe
+        is None
+    )
+
+
 def test_data_arriving_does_not_excuse_a_stale_handshake() -> None:
     peer = up()
     seen(peer, 5.0, rx=10)

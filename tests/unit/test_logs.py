@@ -3,7 +3,6 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -13,19 +12,6 @@ TEXT_LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d (?P<level>[A-Z]+) (?P<logger>\S+): (?P<msg>.*)$"
 )
 RFC3339_UTC_MILLISECONDS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-@pytest.fixture(autouse=True)
-def _restore_root_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("TUNNELD_LOG_LEVEL", raising=False)
-    monkeypatch.delenv("TUNNELD_LOG_FORMAT", raising=False)
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        root.handlers[:] = saved[0]
-        root.setLevel(saved[1])
 
 
 def lines(capsys: pytest.CaptureFixture[str]) -> list[str]:

@@ -381,7 +381,9 @@ async def test_head_is_get_without_the_body(parts: DaemonParts) -> None:
             full, head = await get(port, path), await get(port, path, method="HEAD")
             assert head.status == full.status == 200
             assert head.body == b""
-            assert head.headers["content-length"] == full.headers["content-length"]
+            if path != "/status":  # /status holds ages that change between the two requests
+                assert head.headers["content-length"] == full.headers["content-length"]
+            assert int(head.headers["content-length"]) > 0
         head = await get(port, "/metrics", method="HEAD")
         assert head.status == 200
         assert (head.headers["content-type"], head.body) == (CONTENT_TYPE_LATEST, b"")
