@@ -92,6 +92,47 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands.add_parser("genkey", help="print a new private key (like `wg genkey`)")
     commands.add_parser("pubkey", help="read a private key on stdin, print its public key")
+    install = commands.add_parser(
+        "install-systemd",
+        help="install the systemd unit, a key and a starter config; print the gateway's peer lines",
+        description="Install /etc/systemd/system/tunneld.service, create the key (never "
+        "overwritten) and a starter config (only if missing), run systemctl daemon-reload, and "
+        "print this connector's public key with the [Peer] the gateway needs.",
+    )
+    install.add_argument(
+        "--root", type=Path, metavar="DIR", help="write everything below DIR; no systemctl"
+    )
+    install.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the config to write (default: /etc/tunneld/tunneld.toml); an existing one is kept",
+    )
+    install.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="this connector's tunnel address, e.g. 10.44.0.2/24 (repeatable)",
+    )
+    install.add_argument(
+        "--gateway-endpoint",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="where the gateway's WireGuard listens (repeatable: failover order)",
+    )
+    install.add_argument(
+        "--gateway-public-key", metavar="KEY", help="the gateway's public key (base64)"
+    )
+    install.add_argument(
+        "--gateway-address",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="the gateway's tunnel address (default: the first address of each --address network)",
+    )
     return parser
 
 
@@ -312,6 +353,25 @@ def _cmd_pubkey(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_install_systemd(args: argparse.Namespace) -> int:
+    from tunneld import install  # only this command needs it
+
+    try:
+        request = install.parse_request(
+            root=args.root,
+            config=args.config,
+            addresses=args.address,
+            gateway_endpoints=args.gateway_endpoint,
+            gateway_public_key=args.gateway_public_key,
+            gateway_addresses=args.gateway_address,
+        )
+    except install.UsageProblems as exc:
+        for problem in exc.problems:
+            print(f"tunneld install-systemd: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    return install.install_systemd(request)
+
+
 _COMMANDS = {
     "run": _cmd_run,
     "up": _cmd_up,
@@ -323,4 +383,5 @@ _COMMANDS = {
     "route-test": _cmd_route_test,
     "genkey": _cmd_genkey,
     "pubkey": _cmd_pubkey,
+    "install-systemd": _cmd_install_systemd,
 }
