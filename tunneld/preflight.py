@@ -5,11 +5,19 @@ userspace device as "left behind"), so ``run`` holds an exclusive ``flock`` on
 ``/run/tunneld/IFNAME.lock`` for its lifetime; ``up`` and ``down`` take it briefly so they cannot
 pull the interface from under a running daemon. The kernel drops the lock when the process dies,
 even by ``kill -9``, so a stale lock file never blocks a restart.
+
+Capabilities: ``run``, ``up`` and ``down`` first make every *permitted* capability effective.
+A container runtime grants a non-root user no ambient capabilities, so in the container image
+(deploy/docker) what it grants reaches tunneld through file capabilities of its interpreter, set
+permitted-only (``=p``): with the effective bit the kernel would refuse to run the interpreter at
+all wherever fewer are granted, even for ``tunneld genkey``. As root, or with systemd's
+``AmbientCapabilities=``, they are effective already and this changes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 from collections.abc import Iterator
@@ -19,6 +27,19 @@ from tunneld.errors import PermissionError_, TunneldError
 
 LOCK_DIRECTORY = Path("/run/tunneld")
 _CAP_NET_ADMIN = 12
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522  # capget(2)/capset(2): two 32-bit words per set
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
 
 
 class AlreadyRunningError(TunneldError):
@@ -36,7 +57,28 @@ def has_net_admin(status_path: Path = Path("/proc/self/status")) -> bool:
     return False
 
 
+def raise_permitted_capabilities() -> None:
+    """Make the permitted capabilities effective; on any failure, change nothing.
+
+    Capabilities belong to a thread: call this from the main thread before any other thread is
+    started (threads started later inherit them), as ``run``, ``up`` and ``down`` do.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        return
+    if all(word.effective == word.permitted for word in data):
+        return
+    for word in data:
+        word.effective = word.permitted
+    libc.capset(ctypes.byref(header), data)  # may fail only if the kernel forbids it: checked next
+
+
 def require_net_admin() -> None:
+    """Make CAP_NET_ADMIN effective if it is permitted; raise PermissionError_ if it is not."""
+    if not has_net_admin():
+        raise_permitted_capabilities()
     if not has_net_admin():
         raise PermissionError_(
             "tunneld needs CAP_NET_ADMIN to create and configure the WireGuard interface: run it "
