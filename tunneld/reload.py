@@ -128,6 +128,11 @@ class Reloader:
                 if isinstance(exc, ReloadRejected):
                     log.error("reload rejected: still running the previous config")
                 ok = False
+            except Exception as exc:  # a bug: say so loudly, but a reload must not end the daemon
+                log.exception("reload failed unexpectedly")
+                self.results.failed += 1
+                self.results.last_error = f"unexpected error: {exc!r}"
+                ok = False
             else:
                 self.results.succeeded += 1
                 self.results.last_error = None

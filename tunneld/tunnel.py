@@ -270,7 +270,8 @@ class Tunnel:
                 async with open_device(
                     interface.name, interface.backend, interface.userspace_binary
                 ) as device:
-                    await self.bring_up(device)
+                    async with self._device_lock:  # not while a reload applies a config
+                        await self.bring_up(device)
                     self.last_tick = trio.current_time()
                     backoff.reset()
                     self._new_generation()
@@ -308,12 +309,12 @@ class Tunnel:
     # -- the supervisor loop -----------------------------------------------------------------
 
     async def _supervise(self, device: Device) -> None:
-        interval = self.config.health.interval_seconds
         # Regular ticks start one interval apart, however long each took (a failing probe takes
         # its whole timeout): counted from the end of the previous tick, `failures` checks
         # would take failures x (interval + probe_timeout).
-        due = trio.current_time() + interval
+        due = trio.current_time() + self.config.health.interval_seconds
         while True:
+            interval = self.config.health.interval_seconds  # a reload may change it
             self.last_tick = now = trio.current_time()
             if due <= now:  # the tick that just ended overran a whole interval: no burst
                 due = now

@@ -134,7 +134,8 @@ class Proxy:
                 for listener in self._open.pop(group):
                     await listener.aclose()  # its open connections carry on to their end
                 log.info("%s: stopped listening on port %d", group.what, group.port)
-            if self._nursery is not None:  # else the next build of the interface binds them
+            # No nursery: the next build of the interface binds them. Draining: none at all.
+            if self._nursery is not None and not self._stop_listening.is_set():
                 for group in wanted:
                     if group not in self._open:
                         await self._open_group(self._nursery, group)
@@ -173,7 +174,7 @@ class Proxy:
         Returns whether they all did. The caller cancels whatever is left.
         """
         self._stop_listening.set()
-        for listeners in self._open.values():
+        for listeners in list(self._open.values()):  # a reload may change _open meanwhile
             for listener in listeners:
                 await listener.aclose()
         await self.http.drain()
