@@ -493,3 +493,29 @@ def test_listener_comes_up_before_its_ipv6_address(exposure: Exposure) -> None:
     exposure.start_server("bound", "fd44::3")  # "ready": bound although fd44::3 is nowhere
     ip("-n", exposure.host, "addr", "add", "fd44::3/64", "dev", exposure.tunnel_ifname, "nodad")
     assert connect_from(exposure.gateway, "fd44::3", PORT) == "hello fd44::1"
+
+
+@pytest.mark.root
+def test_a_privileged_port_without_the_capability_is_exit_code_2() -> None:
+    """A restart cannot grant a capability: the error is a person's to fix, not a retry's."""
+    # The lowest unprivileged port is a per-namespace sysctl: take one just below it.
+    port = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text()) - 1
+    assert port > 0, "every port is unprivileged here: nothing to test"
+    script = textwrap.dedent(
+        f"""
+        import ipaddress, trio
+        from tunneld.errors import TunneldError
+        from tunneld.proxy.listener import open_tunnel_listeners
+        try:
+            trio.run(open_tunnel_listeners, [ipaddress.ip_address("127.0.0.1")], {port}, "lo")
+        except TunneldError as exc:
+            print(exc.exit_code, exc)
+        """
+    )
+    drop = "-net_bind_service"
+    result = subprocess.run(
+        ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert result.stdout.startswith(f"2 cannot listen on 127.0.0.1:{port} (binding): "), result
+    assert "CAP_NET_BIND_SERVICE" in result.stdout

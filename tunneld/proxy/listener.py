@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import trio
 
-from tunneld.errors import ProxyError
+from tunneld.errors import PermissionError_, ProxyError
 from tunneld.wireguard.model import IPAddress, IPNetwork
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,10 @@ async def _open_one(address: IPAddress, port: int, ifname: str) -> trio.SocketLi
         return trio.SocketListener(sock)
     except OSError as exc:
         sock.close()
-        raise ProxyError(
-            f"cannot listen on {where} ({step}): {_explain(exc, port, ifname)}"
-        ) from exc
+        message = f"cannot listen on {where} ({step}): {_explain(exc, port, ifname)}"
+        if exc.errno in (errno.EACCES, errno.EPERM):  # a restart cannot help: exit code 2
+            raise PermissionError_(message) from exc
+        raise ProxyError(message) from exc
     except BaseException:
         sock.close()
         raise
@@ -120,8 +121,8 @@ def _explain(exc: OSError, port: int, ifname: str) -> str:
         return f"{reason}: interface {ifname} does not exist (yet)"
     if exc.errno in (errno.EACCES, errno.EPERM):
         return (
-            f"{reason}: ports below 1024 need CAP_NET_BIND_SERVICE; "
-            "on Linux before 5.7 SO_BINDTODEVICE needs CAP_NET_RAW"
+            f"{reason}: ports below net.ipv4.ip_unprivileged_port_start (1024 by default) need "
+            "CAP_NET_BIND_SERVICE; on Linux before 5.7 SO_BINDTODEVICE needs CAP_NET_RAW"
         )
     return reason
 
