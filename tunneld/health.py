@@ -245,6 +245,14 @@ class PeerHealth:
 
     # --- the step -----------------------------------------------------------------------------
 
+    def network_changed(self, now: float) -> None:
+        """The host's links, addresses or routes changed (the uplink may be back): a recovering
+        peer starts its ladder over, at once and with the backoff reset."""
+        if self.state is S.RECOVERING:
+            self.backoff.reset()
+            self.next_rung = 0
+            self.next_action_at = now
+
     def observe(self, observation: Observation) -> Decision:
         """Take one tick's observation; return the transition (if any) and actions to do now."""
         now = observation.now

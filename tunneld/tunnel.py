@@ -13,6 +13,10 @@ addresses, MTU and routes; only then does it report itself started. Then it tick
    move to the next endpoint, or re-apply the peer (removed and added again, which forces a
    fresh handshake).
 
+Between ticks, a change of the host's links, addresses or routes (rtnetlink, see
+:mod:`tunneld.netwatch`) starts the recovery of every down gateway over at once: the uplink
+may be back, and the ladder's backoff must not keep the tunnel down for another minute.
+
 A lost device (interface deleted, userspace implementation dead) is rebuilt with backoff.
 Network trouble never ends the daemon; only errors a person must fix do (exit code 2).
 """
@@ -34,6 +38,7 @@ from tunneld.backoff import Backoff
 from tunneld.config import Config, GatewayConfig, HostPort
 from tunneld.errors import TunneldError, principal_error
 from tunneld.health import Action, Observation, PeerHealth, PeerState
+from tunneld.netwatch import watch_network
 from tunneld.probe import ProbeError, icmp_socket_kind, probe_gateway
 from tunneld.wireguard.device import Device, open_device
 from tunneld.wireguard.links import LinkPlan, converge_link, routes_needed
@@ -45,6 +50,9 @@ RESOLVE_TIMEOUT_SECONDS = 5.0
 #: A health machine may ask to be woken early (its next recovery step is due); never so early
 #: that a due-now request spins the loop.
 MIN_TICK_SPACING_SECONDS = 0.2
+#: Network-change wake-ups at most this often: a busy host (containers coming and going) must
+#: not turn into a re-apply storm for a gateway that is down.
+NETWORK_CHANGE_SPACING_SECONDS = 1.0
 
 
 class ResolveError(TunneldError):
@@ -309,24 +317,45 @@ class Tunnel:
     # -- the supervisor loop -----------------------------------------------------------------
 
     async def _supervise(self, device: Device) -> None:
-        # Regular ticks start one interval apart, however long each took (a failing probe takes
-        # its whole timeout): counted from the end of the previous tick, `failures` checks
-        # would take failures x (interval + probe_timeout).
-        due = trio.current_time() + self.config.health.interval_seconds
-        while True:
-            interval = self.config.health.interval_seconds  # a reload may change it
-            self.last_tick = now = trio.current_time()
-            if due <= now:  # the tick that just ended overran a whole interval: no burst
-                due = now
-            wakeups = [
-                at for runtime in self.gateways.values() if (at := runtime.health.wakeup_at())
-            ]
-            next_tick = min([due, *wakeups])
-            await trio.sleep_until(max(next_tick, now + MIN_TICK_SPACING_SECONDS))
-            if trio.current_time() >= due:
-                due += interval
-            async with self._device_lock:
-                await self.tick(device)
+        network_changed = trio.Event()
+
+        def on_network_change() -> None:
+            network_changed.set()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watch_network, on_network_change)
+            # Regular ticks start one interval apart, however long each took (a failing probe
+            # takes its whole timeout): counted from the end of the previous tick, `failures`
+            # checks would take failures x (interval + probe_timeout).
+            due = trio.current_time() + self.config.health.interval_seconds
+            while True:
+                interval = self.config.health.interval_seconds  # a reload may change it
+                self.last_tick = now = trio.current_time()
+                if due <= now:  # the tick that just ended overran a whole interval: no burst
+                    due = now
+                wakeups = [
+                    at for runtime in self.gateways.values() if (at := runtime.health.wakeup_at())
+                ]
+                next_tick = max(min([due, *wakeups]), now + MIN_TICK_SPACING_SECONDS)
+                with trio.move_on_at(next_tick):
+                    # A change of the host's network wakes a recovering gateway early (no
+                    # sooner than NETWORK_CHANGE_SPACING_SECONDS after the last such tick).
+                    await trio.sleep_until(now + NETWORK_CHANGE_SPACING_SECONDS)
+                    await network_changed.wait()
+                if network_changed.is_set():
+                    network_changed = trio.Event()
+                    self._network_changed()
+                if trio.current_time() >= due:
+                    due += interval
+                async with self._device_lock:
+                    await self.tick(device)
+
+    def _network_changed(self) -> None:
+        now = trio.current_time()
+        for runtime in self.gateways.values():
+            if runtime.health.state is PeerState.RECOVERING:
+                log.info("gateway %s: the host's network changed; recovering at once", runtime.name)
+                runtime.health.network_changed(now)
 
     async def tick(self, device: Device) -> None:
         """One round: repair the link, observe every gateway, act on what the machines decide."""

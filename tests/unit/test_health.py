@@ -735,3 +735,20 @@ def test_any_observations_keep_every_invariant(
         if before is S.RECOVERING and fresh and (probe is True or not probing):
             assert peer.state is S.UP  # recovery is noticed at once
     assert sum(peer.counters.transitions.values()) == transitions
+
+
+def test_a_network_change_starts_the_recovery_over_at_once() -> None:
+    peer = down()
+    # Deep in the ladder: the backoff has grown and the next rung is far away.
+    now = 1000.0
+    for _ in range(12):
+        now = max(now, peer.next_action_at or now)
+        seen(peer, now, age=STALE, probe=False)
+    assert peer.next_action_at is not None and peer.next_action_at > now
+    peer.network_changed(now + 0.5)
+    decision = seen(peer, now + 0.5, age=STALE, probe=False)
+    assert decision.actions == (peer.ladder[0],)  # the first rung, right away
+    # Up peers are not disturbed.
+    healthy = up()
+    healthy.network_changed(1.0)
+    assert seen(healthy, 5.0).actions == ()
