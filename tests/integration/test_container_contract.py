@@ -370,11 +370,18 @@ def test_the_sidecar_serves_the_app_through_the_tunnel_as_a_non_root_user_with_n
         expected = _expected_capabilities(image)
         assert _capabilities(daemon.pid) == expected
         assert "ro" in _root_mount_options(daemon.pid)
-        (wireguard_go,) = [
-            child
-            for child in _children(daemon.pid)
-            if Path(f"/proc/{child}/exe").resolve() == image.wireguard_go
-        ]
+
+        def wireguard_go_child() -> int | None:
+            # The key is logged before the device is opened: the child may not exist yet.
+            children = [
+                child
+                for child in _children(daemon.pid)
+                if Path(f"/proc/{child}/exe").resolve() == image.wireguard_go
+            ]
+            assert len(children) <= 1, children
+            return children[0] if children else None
+
+        wireguard_go = wait_for("wireguard-go to run as tunneld's child", wireguard_go_child, 30)
         assert _capabilities(wireguard_go) == expected  # its own file capability, =ep
 
         # HEALTHCHECK: `tunneld ready` executed in the container (same namespaces, user, caps).
