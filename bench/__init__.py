@@ -1,0 +1,1 @@
+"""tunneld's benchmark harness: ``bench/run`` (see bench/README.md)."""
