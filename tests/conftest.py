@@ -10,10 +10,18 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def missing_prerequisite(message: str) -> NoReturn:
+    """Skip the test for lack of ``message``'s tool or permission; under CI=true, fail it."""
+    if IN_CI:
+        pytest.fail(f"CI=true and missing prerequisite: {message}", pytrace=False)
+    pytest.skip(message)
 
 
 def missing_root_prerequisites() -> list[str]:

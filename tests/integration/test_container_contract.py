@@ -51,7 +51,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import IN_CI
+from tests.conftest import missing_prerequisite
 from tests.integration import netns
 from tests.integration.topology import (
     GATEWAY_PORT,
@@ -102,10 +102,7 @@ def _tools() -> None:
         tool for tool in ("setcap", "getcap", "nsenter", "unshare") if not shutil.which(tool)
     ]
     if missing:
-        message = f"missing {', '.join(missing)} (Debian: libcap2-bin util-linux)"
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        missing_prerequisite(f"missing {', '.join(missing)} (Debian: libcap2-bin util-linux)")
 
 
 # -- the image, mirrored -------------------------------------------------------------------------
@@ -170,10 +167,9 @@ def _build_image(root: Path) -> Image:
     run("setcap", capabilities["/usr/bin/wireguard-go"], str(wireguard_go))
     for path in (interpreter, wireguard_go):
         if "cap_net_admin" not in run("getcap", str(path)):
-            message = f"{root}: this file system keeps no file capabilities (security.* xattrs)"
-            if IN_CI:
-                pytest.fail(message, pytrace=False)
-            pytest.skip(message)
+            missing_prerequisite(
+                f"{root}: this file system keeps no file capabilities (security.* xattrs)"
+            )
     volume = root / "volume"  # a new, empty named volume: Docker copies the image's directory
     volume.mkdir(mode=0o700)
     os.chown(volume, uid, gid)

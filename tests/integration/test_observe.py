@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI
+from tests.conftest import missing_prerequisite
 from tests.integration import netns
 from tests.integration.topology import HOST_TUNNEL, Topology, run, wait_for
 
@@ -76,10 +76,9 @@ class Observed:
 def prometheus_binary() -> str:
     binary = shutil.which("prometheus")
     if binary is None:
-        message = "prometheus is not installed (scripts/bootstrap installs Debian's package)"
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        missing_prerequisite(
+            "prometheus is not installed (scripts/bootstrap installs Debian's package)"
+        )
     return binary
 
 

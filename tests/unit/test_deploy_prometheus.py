@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI
+from tests.conftest import missing_prerequisite
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -124,10 +124,9 @@ def problems_in_query(query: str) -> list[str]:
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        reason = "promtool is missing (Debian package prometheus; scripts/bootstrap installs it)"
-        if IN_CI:
-            pytest.fail(f"CI=true and {reason}", pytrace=False)
-        pytest.skip(reason)
+        missing_prerequisite(
+            "promtool is missing (Debian package prometheus; scripts/bootstrap installs it)"
+        )
     return path
 
 

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.conftest import missing_prerequisite
 from tunneld import keys
 from tunneld.errors import KeyFileError
 
@@ -421,9 +422,7 @@ def test_ensure_losing_a_creation_race_uses_the_winners_key(
 def wg() -> str:
     path = shutil.which("wg")
     if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("wg (wireguard-tools) must be installed in CI")
-        pytest.skip("wg (wireguard-tools) is not installed")
+        missing_prerequisite("wg (wireguard-tools) is not installed")
     return path
 
 

@@ -32,7 +32,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import IN_CI
+from tests.conftest import missing_prerequisite
 from tunneld.config_health import HealthConfig
 from tunneld.errors import PermissionError_, TunneldError
 from tunneld.probe import (
@@ -220,9 +220,7 @@ async def test_tcp_probe_without_an_answer_times_out(
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 async def test_icmp_probe_to_loopback(host: str) -> None:
     if (reason := icmp_allowed()) is not None:
-        if IN_CI:
-            pytest.fail(f"CI=true and ICMP probes cannot run: {reason}")
-        pytest.skip(reason)
+        missing_prerequisite(f"ICMP probes cannot run: {reason}")
     with trio.fail_after(GUARD_SECONDS):
         rtt = await icmp_probe(host, ifname="lo", timeout_seconds=2.0)
     assert 0.0 <= rtt < 2.0
