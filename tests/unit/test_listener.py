@@ -29,6 +29,7 @@ import pytest
 import trio
 
 from tunneld.errors import ProxyError
+from tunneld.proxy.eager import EagerSocketStream
 from tunneld.proxy.listener import ConnectionCounters, open_tunnel_listeners, serve
 
 LOOPBACK_V4 = ipaddress.ip_address("127.0.0.1")
@@ -46,7 +47,7 @@ def has_ipv6_loopback() -> bool:
     return True
 
 
-async def greet(stream: trio.SocketStream, client_address: str) -> None:
+async def greet(stream: EagerSocketStream, client_address: str) -> None:
     await stream.send_all(f"hello {client_address}\n".encode())
 
 
@@ -108,8 +109,10 @@ async def test_listeners_bind_each_address_and_the_device() -> None:
 async def test_accepted_connections_have_nodelay_and_the_client_ip() -> None:
     seen: list[tuple[str, int]] = []
 
-    async def record(stream: trio.SocketStream, client_address: str) -> None:
-        seen.append((client_address, stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+    async def record(stream: EagerSocketStream, client_address: str) -> None:
+        seen.append(
+            (client_address, stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        )
 
     with trio.fail_after(5):
         async with serving(record) as served:
@@ -183,11 +186,11 @@ async def test_excess_connections_go_to_on_excess() -> None:
     release = trio.Event()
     limiter = trio.CapacityLimiter(1)
 
-    async def hold(stream: trio.SocketStream, client_address: str) -> None:
+    async def hold(stream: EagerSocketStream, client_address: str) -> None:
         await stream.send_all(b"served\n")
         await release.wait()
 
-    async def busy(stream: trio.SocketStream) -> None:
+    async def busy(stream: EagerSocketStream) -> None:
         await stream.send_all(b"503 busy\n")
 
     with trio.fail_after(5):
@@ -211,7 +214,7 @@ async def test_excess_connections_go_to_on_excess() -> None:
 async def test_excess_without_on_excess_is_closed() -> None:
     release = trio.Event()
 
-    async def hold(stream: trio.SocketStream, client_address: str) -> None:
+    async def hold(stream: EagerSocketStream, client_address: str) -> None:
         await release.wait()
 
     with trio.fail_after(5):
@@ -229,7 +232,7 @@ async def test_a_failing_handler_does_not_stop_the_loop(caplog: pytest.LogCaptur
     limiter = trio.CapacityLimiter(1)
     calls = 0
 
-    async def fail_first(stream: trio.SocketStream, client_address: str) -> None:
+    async def fail_first(stream: EagerSocketStream, client_address: str) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
@@ -277,7 +280,7 @@ async def test_accept_survives_running_out_of_file_descriptors(
 async def test_closing_the_listeners_drains_gracefully() -> None:
     release = trio.Event()
 
-    async def hold(stream: trio.SocketStream, client_address: str) -> None:
+    async def hold(stream: EagerSocketStream, client_address: str) -> None:
         await release.wait()
         await stream.send_all(b"finished\n")
 

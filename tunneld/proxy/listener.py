@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import trio
 
 from tunneld.errors import PermissionError_, ProxyError
+from tunneld.proxy.eager import EagerSocketStream
 from tunneld.wireguard.model import IPAddress, IPNetwork
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ ACCEPT_ERROR_LOG_INTERVAL_SECONDS = 10.0
 # on_excess gets this long (e.g. to read a request head and answer 503) before the close.
 EXCESS_DEADLINE_SECONDS = 5.0
 
-Handler = Callable[[trio.SocketStream, str], Awaitable[None]]
+Handler = Callable[[EagerSocketStream, str], Awaitable[None]]
 
 
 class AllowedSources:
@@ -144,7 +145,7 @@ async def serve(
     *,
     allowed_sources: AllowedSources | Iterable[IPNetwork],
     limiter: trio.CapacityLimiter,
-    on_excess: Callable[[trio.SocketStream], Awaitable[None]] | None = None,
+    on_excess: Callable[[EagerSocketStream], Awaitable[None]] | None = None,
     counters: ConnectionCounters | None = None,
     task_status: trio.TaskStatus[ConnectionCounters] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -187,7 +188,7 @@ async def _accept_loop(
     handler: Handler,
     allowed_sources: AllowedSources,
     limiter: trio.CapacityLimiter,
-    on_excess: Callable[[trio.SocketStream], Awaitable[None]] | None,
+    on_excess: Callable[[EagerSocketStream], Awaitable[None]] | None,
     counters: ConnectionCounters,
     nursery: trio.Nursery,
 ) -> None:
@@ -195,7 +196,7 @@ async def _accept_loop(
     suppressed = 0
     while True:
         try:
-            stream = await listener.accept()
+            stream = EagerSocketStream.from_trio(await listener.accept())
         except trio.ClosedResourceError:
             return  # the listener was closed: stop accepting, let handlers finish
         except OSError as exc:
@@ -236,7 +237,7 @@ async def _accept_loop(
         nursery.start_soon(_run_handler, handler, stream, str(client_ip), limiter, token, counters)
 
 
-def _peer_ip(stream: trio.SocketStream) -> IPAddress | None:
+def _peer_ip(stream: EagerSocketStream) -> IPAddress | None:
     try:
         host = stream.socket.getpeername()[0]
     except OSError:  # the peer already reset the connection
@@ -249,7 +250,7 @@ def _peer_ip(stream: trio.SocketStream) -> IPAddress | None:
 
 async def _run_handler(
     handler: Handler,
-    stream: trio.SocketStream,
+    stream: EagerSocketStream,
     client_ip: str,
     limiter: trio.CapacityLimiter,
     token: object,
@@ -266,8 +267,8 @@ async def _run_handler(
 
 
 async def _run_excess(
-    on_excess: Callable[[trio.SocketStream], Awaitable[None]],
-    stream: trio.SocketStream,
+    on_excess: Callable[[EagerSocketStream], Awaitable[None]],
+    stream: EagerSocketStream,
     client_ip: str,
 ) -> None:
     try:

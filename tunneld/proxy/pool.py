@@ -19,6 +19,7 @@ from collections import deque
 import trio
 
 from tunneld.config_proxy import ServiceConfig
+from tunneld.proxy.eager import EagerSocketStream
 from tunneld.proxy.http1 import Event, RequestParser, ResponseParser
 from tunneld.proxy.upstream import open_upstream
 
@@ -71,8 +72,10 @@ class UpstreamConnection(EventReader):
         return self.parser.idle and not self.events
 
     def looks_alive(self) -> bool:
-        socket = _socket_of(self.stream)
-        return socket is None or not socket.is_readable()
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        return not isinstance(stream, EagerSocketStream) or not stream.is_readable()
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -155,11 +158,3 @@ class UpstreamPool:
         self._closed = True
         while self._idle:
             await self._idle.pop().aclose()
-
-
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    if isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    if isinstance(stream, trio.SocketStream):
-        return stream.socket
-    return None

@@ -21,6 +21,7 @@ from tunneld import keys
 from tunneld.config import Config
 from tunneld.config_proxy import ServiceConfig
 from tunneld.proxy.delivery import wait_until_delivered
+from tunneld.proxy.eager import EagerSocketStream
 from tunneld.proxy.http import HttpProxy, Observer
 from tunneld.proxy.listener import AllowedSources, open_tunnel_listeners, serve
 from tunneld.proxy.tcp import relay
@@ -233,8 +234,8 @@ class Proxy:
 
     def _tcp_handler(
         self, service: ServiceConfig
-    ) -> Callable[[trio.SocketStream, str], Awaitable[None]]:
-        async def handle(stream: trio.SocketStream, client_address: str) -> None:
+    ) -> Callable[[EagerSocketStream, str], Awaitable[None]]:
+        async def handle(stream: EagerSocketStream, client_address: str) -> None:
             self.tcp_active[service.name] += 1
             try:
                 # The service's settings as of this connection (a reload may have changed them).

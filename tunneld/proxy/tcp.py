@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 BUFFER_BYTES = 64 * 1024
 
 
-async def relay(client: trio.SocketStream, client_address: str, service: ServiceConfig) -> None:
+async def relay(
+    client: trio.abc.HalfCloseableStream, client_address: str, service: ServiceConfig
+) -> None:
     """Connect to ``service``'s origin and relay bytes both ways until both sides are done.
 
     Never raises for network trouble (refused origin, resets, idle timeout): it logs with the
@@ -71,7 +73,7 @@ class _Relay:
         self.log_level = logging.DEBUG
         self.scope = trio.CancelScope()
 
-    async def run(self, client: trio.SocketStream, upstream: trio.abc.Stream) -> None:
+    async def run(self, client: trio.abc.Stream, upstream: trio.abc.Stream) -> None:
         with self.scope:
             async with trio.open_nursery() as watchdog:
                 watchdog.start_soon(self._watch_idle)

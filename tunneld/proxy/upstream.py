@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import ipaddress
 import os
 import socket
 import ssl
@@ -17,6 +18,7 @@ import trio
 
 from tunneld.config_proxy import TLSOptions, Upstream
 from tunneld.errors import UpstreamError
+from tunneld.proxy import eager
 
 _KIND_BY_ERRNO = {
     errno.ECONNREFUSED: "refused",
@@ -50,9 +52,7 @@ async def open_upstream(
     """Connect to ``upstream`` (and finish the TLS handshake for https) within the timeout."""
     try:
         with trio.fail_after(connect_timeout_seconds):
-            if upstream.path is not None:  # unix: (the validator gives every unix upstream a path)
-                return await trio.open_unix_socket(os.fspath(upstream.path))
-            stream: trio.abc.Stream = await trio.open_tcp_stream(upstream.host, upstream.port)
+            stream = await _connect(upstream)
             if upstream.scheme != "https":
                 return stream
             tls_stream = trio.SSLStream(
@@ -83,6 +83,27 @@ async def open_upstream(
         kind = _KIND_BY_ERRNO.get(code or 0, "unreachable")
         reason = os.strerror(code) if code else str(exc)
         raise UpstreamError(kind, f"{upstream}: {reason}") from exc
+
+
+async def _connect(upstream: Upstream) -> eager.EagerSocketStream:
+    """The plain connection. An IP literal (the usual origin: 127.0.0.1) is connected directly;
+    only a name goes through trio's resolver and happy eyeballs, which cost a thread hop."""
+    if upstream.path is not None:  # unix: (the validator gives every unix upstream a path)
+        return await eager.connect(socket.AF_UNIX, os.fspath(upstream.path))
+    family = _literal_family(upstream.host)
+    if family is not None:
+        return await eager.connect(family, (upstream.host, upstream.port))
+    stream = await trio.open_tcp_stream(upstream.host, upstream.port)
+    return eager.EagerSocketStream.from_trio(stream)
+
+
+@functools.lru_cache(maxsize=256)
+def _literal_family(host: str) -> socket.AddressFamily | None:
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return None  # a name
+    return socket.AF_INET if version == 4 else socket.AF_INET6
 
 
 def _first_errno(exc: BaseException) -> int | None:
