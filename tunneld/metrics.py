@@ -168,16 +168,21 @@ class _Pushed(Generic[_M]):
 
     def __init__(self, metric: _M) -> None:
         self.metric = metric
-        self.seen: set[tuple[str, ...]] = set()
+        #: The children by label values. Also a cache: prometheus-client's own ``labels()``
+        #: validates and takes a lock on every call, twice the cost of the increment itself,
+        #: and this runs for every request.
+        self.seen: dict[tuple[str, ...], _M] = {}
 
     def labels(self, *values: str) -> _M:
-        self.seen.add(values)
-        return self.metric.labels(*values)
+        child = self.seen.get(values)
+        if child is None:
+            child = self.seen[values] = self.metric.labels(*values)
+        return child
 
     def keep_only(self, names: set[str]) -> None:
         for values in [values for values in self.seen if values[0] not in names]:
             self.metric.remove(*values)
-            self.seen.discard(values)
+            del self.seen[values]
 
 
 class Metrics:
