@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import plan, profile, report, servers
+from bench import plan, profile, report, servers, soak
 from bench.measure import load_average, measure
 from bench.tools import ToolError, ensure_tools, machine_description
 from bench.topology import WORKDIR_PREFIX, Topology, TopologyError, cleanup_stale
@@ -84,9 +84,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile-seconds", type=int, default=10, help="py-spy sampling time per target"
     )
     parser.add_argument(
+        "--soak",
+        action="store_true",
+        help="instead of measuring, load tunneld alone with a rotating mix for --soak-minutes "
+        "and sample its RSS and fds every 5 s: is either growing? (writes OUTPUT/soak.md and "
+        "soak.json)",
+    )
+    parser.add_argument(
+        "--soak-minutes",
+        type=float,
+        default=10.0,
+        metavar="N",
+        help="minutes of load of --soak (default 10; fractions allowed, e.g. 1 for a smoke run)",
+    )
+    parser.add_argument(
         "--cleanup", action="store_true", help="only remove what killed runs left behind"
     )
     args = parser.parse_args(argv)
+    if args.soak and (args.quick or args.profile):
+        parser.error("--soak does not combine with --quick or --profile")
+    if args.soak_minutes <= 0:
+        parser.error("--soak-minutes must be above 0")
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     if args.repeats < 1 or args.duration < 1 or args.short_duration < 1:
@@ -109,6 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if unknown:
             parser.error(f"unknown targets {sorted(unknown)}: {list(plan.TARGETS_BY_NAME)}")
         targets = tuple(t for t in targets if t.name in wanted)
+    if args.soak:  # tunneld alone; the other targets' programs still run, idle
+        targets = tuple(t for t in plan.TARGETS if t.proxy == "tunneld")
     if args.tunneld_src is not None:
         args.tunneld_src = args.tunneld_src.resolve()
         if not (args.tunneld_src / "tunneld" / "__main__.py").is_file():
@@ -154,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix=WORKDIR_PREFIX) as workdir:
         if args.profile:
             return run_profile(args, Path(workdir))
+        if args.soak:
+            return run_soak(args, Path(workdir))
         return run_benchmark(args, Path(workdir))
 
 
@@ -268,6 +290,22 @@ def run_profile(args: argparse.Namespace, workdir: Path) -> int:
     path.write_text(profile.render(profiles))
     log(f"wrote {path}")
     return 0
+
+
+def run_soak(args: argparse.Namespace, workdir: Path) -> int:
+    """bench/run --soak (bench/soak.py); results written even when aborted."""
+    session = soak.Soak(args.soak_minutes, args.upstream_idle, args.tunneld_src, log)
+    try:
+        with running_topology(args, workdir) as topology:
+            try:
+                session.run(topology)
+            finally:
+                args.runs_failed = session.runs_failed
+    except (TopologyError, Interrupted, KeyboardInterrupt) as exc:
+        session.aborted = str(exc) or type(exc).__name__
+        log(f"aborted: {session.aborted}")
+    session.write(args.output)
+    return 1 if session.aborted or session.runs_failed else 0
 
 
 def warm_up(topology: Topology, targets: tuple[plan.Target, ...]) -> None:

@@ -3,7 +3,8 @@
 CPU is ``utime + stime`` of ``/proc/PID/stat`` (all threads of the process, not its children),
 in seconds. Memory is ``VmRSS`` (resident now) and ``VmHWM`` (the resident high-water mark since
 the process started) of ``/proc/PID/status``, in KiB. A process group (nginx's master and
-workers) is summed; a process that has gone away counts as 0.
+workers) is summed; a process that has gone away counts as 0. The soak also reads the open fds
+(``/proc/PID/fd``) and the thread count (``Threads:``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,34 @@ def memory_kib(pid: int) -> tuple[int, int]:
         elif line.startswith("VmHWM:"):
             hwm = int(line.split()[1])
     return rss, hwm
+
+
+def open_fds(pid: int) -> list[str]:
+    """What each open fd of a process points to (``socket:[123]``, a path, ``anon_inode:…``);
+    empty if the process is gone. An fd closed while the directory is read is skipped."""
+    try:
+        entries = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return []
+    targets = []
+    for entry in entries:
+        try:
+            targets.append(str(entry.readlink()))
+        except OSError:
+            continue
+    return targets
+
+
+def thread_count(pid: int) -> int:
+    """Threads of a process (``Threads:`` of /proc/PID/status); 0 if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
 
 
 @dataclass(frozen=True)

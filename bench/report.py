@@ -204,19 +204,25 @@ def _memory_table(memory: dict[str, dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
-def render_markdown(report: dict[str, Any], workloads: tuple[Workload, ...]) -> str:
-    machine = report["machine"]
-    settings = report["settings"]
+def machine_lines(machine: dict[str, Any]) -> list[str]:
+    """The machine a run ran on, as markdown list items (also used by the soak's report)."""
     packages = ", ".join(f"{k} {v}" for k, v in machine["python_packages"].items())
     tools = ", ".join(f"{k} {v}" for k, v in machine["tools"].items())
-    minutes, seconds = divmod(int(report["elapsed_seconds"]), 60)
-    lines = [
-        f"# tunneld benchmark ({settings['mode']}) — {report['finished_at']}",
-        "",
+    return [
         f"- machine: {machine['cpu_model']}, {machine['cores']} cores, "
         f"{machine['memory_mib']} MiB, {machine['os']}, kernel {machine['kernel']}",
         f"- Python {machine['python']}; {packages}",
         f"- {tools}",
+    ]
+
+
+def render_markdown(report: dict[str, Any], workloads: tuple[Workload, ...]) -> str:
+    settings = report["settings"]
+    minutes, seconds = divmod(int(report["elapsed_seconds"]), 60)
+    lines = [
+        f"# tunneld benchmark ({settings['mode']}) — {report['finished_at']}",
+        "",
+        *machine_lines(report["machine"]),
         f"- {settings['repeats']} repeat(s), median shown, target order rotated per repeat; "
         f"run time {minutes} min {seconds} s; load average at start "
         f"{report['load_average_start']}, at end {report['load_average_end']}",
