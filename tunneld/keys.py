@@ -28,8 +28,7 @@ import shlex
 import stat
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
+from tunneld import x25519
 from tunneld.errors import KeyFileError
 from tunneld.wireguard.model import KEY_LEN
 
@@ -48,8 +47,7 @@ def generate_private_key() -> bytes:
 def public_key(private_key: bytes) -> bytes:
     """Return the X25519 public key of *private_key*."""
     _check_length(private_key)
-    private = X25519PrivateKey.from_private_bytes(private_key)
-    return private.public_key().public_bytes_raw()
+    return x25519.public_key(private_key)
 
 
 def encode_key(key: bytes) -> str:
