@@ -346,7 +346,9 @@ def test_the_sidecar_serves_the_app_through_the_tunnel_as_a_non_root_user_with_n
             return match[1] if match else None
 
         # First start: the key is created in the empty volume; its public key is in the log.
-        connector_key = wait_for("the public key in the log", logged_public_key, timeout=30)
+        connector_key = wait_for(
+            "the public key in the log", logged_public_key, timeout=30, explain=daemon_log
+        )
         key_file = image.volume / DEFAULT_PRIVATE_KEY_FILE.name
         info = key_file.stat()
         assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (
@@ -377,7 +379,9 @@ def test_the_sidecar_serves_the_app_through_the_tunnel_as_a_non_root_user_with_n
             assert len(children) <= 1, children
             return children[0] if children else None
 
-        wireguard_go = wait_for("wireguard-go to run as tunneld's child", wireguard_go_child, 30)
+        wireguard_go = wait_for(
+            "wireguard-go to run as tunneld's child", wireguard_go_child, 30, explain=daemon_log
+        )
         assert _capabilities(wireguard_go) == expected  # its own file capability, =ep
 
         # HEALTHCHECK: `tunneld ready` executed in the container (same namespaces, user, caps).
@@ -394,7 +398,7 @@ def test_the_sidecar_serves_the_app_through_the_tunnel_as_a_non_root_user_with_n
                 raise AssertionError(f"tunneld exited with {daemon.returncode}:\n{daemon_log()}")
             return result.returncode == 0 and result.stdout.strip() == "ready"
 
-        wait_for("the health check to pass", healthy, timeout=60)
+        wait_for("the health check to pass", healthy, timeout=60, explain=daemon_log)
 
         # A request from the gateway crosses the tunnel to the app on 127.0.0.1, on port 80.
         connection = netns.HTTPConnection(topology.gateway_ns, HOST_TUNNEL, 80)

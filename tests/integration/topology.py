@@ -44,14 +44,24 @@ def run(*argv: str, check: bool = True, input_text: str | None = None) -> str:
     return result.stdout
 
 
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
+def wait_for(
+    what: str,
+    predicate: Callable[[], Any],
+    timeout: float = 20.0,
+    explain: Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something true; on timeout, fail with ``what`` and
+    what ``explain`` says (e.g. the daemon's log)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+            message = f"timed out after {timeout:g}s waiting for {what}"
+            if explain is not None:
+                message += f"\n{explain()}"
+            raise AssertionError(message)
         time.sleep(0.1)
 
 
