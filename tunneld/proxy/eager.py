@@ -1,23 +1,29 @@
-"""Socket streams that yield to the scheduler only when the kernel makes them wait.
+"""Socket streams whose receives yield to the scheduler only when the kernel makes them wait.
 
 Why this exists: :class:`trio.SocketStream` makes every send and receive a full schedule point.
 An operation the kernel completes at once still ends with a trip through trio's run loop before
 it returns (trio's rule: every ``await`` of its own is a checkpoint, so a loop of operations that
-never block can still be cancelled and cannot starve other tasks). For a proxy that trip is the
-largest single cost: relaying one small keep-alive request is four socket operations, two of
-which usually complete at once. Measured in ``bench/`` (wrk, 50 keep-alive connections, through
-the tunnel): the same 30-line byte relay served 1.1 to 1.3 times the requests on this class as on
-``trio.SocketStream``, with the same CPU.
+never block can still be cancelled and cannot starve other tasks). For a receive that found its
+data, the trip buys nothing: the caller has work in hand. Skipping it cut tunneld-tcp's CPU per
+request by about a fifth in ``bench/run`` (small keep-alive requests: 0.064-0.069 → 0.053 s per
+1,000; tunneld-http, whose cost lies elsewhere, is unchanged within the noise).
+
+Sends keep the trip, deliberately. After a send the peer — often a process on this same host,
+the origin — needs a moment to answer; letting the other ready tasks run first gives it that
+moment, and the receive that follows then finds the answer instead of registering with epoll and
+waiting to be woken, which costs more than the trip. Measured: with eager sends as well,
+tunneld-http used 15 % *more* CPU per request in ``bench/run`` (0.164-0.197 vs 0.145-0.152 s per
+1,000), although ``bench.micro``, whose origin shares the proxy's loop, showed a gain.
 
 How the guarantees are kept without the trip:
 
 - **Cancellation**: every operation first asks whether its task is cancelled
   (``trio.lowlevel.checkpoint_if_cancelled``: no yield unless it is), so a cancelled task stops
   at its next operation whether or not that one would have waited.
-- **Fairness**: operations that complete without waiting are counted loop-wide (any wait
-  returns to the scheduler and starts the count again); after :data:`YIELD_EVERY` in a row, the
-  next one yields once. A relay between two always-ready sockets therefore still lets every
-  other task run every few dozen operations.
+- **Fairness**: receives (and EOFs sent) that complete without waiting are counted loop-wide
+  (any wait or send returns to the scheduler and starts the count again); after
+  :data:`YIELD_EVERY` in a row, the next one yields once. A task draining an always-ready socket
+  therefore still lets every other task run every few dozen operations.
 
 The stream is otherwise a ``trio.abc.HalfCloseableStream`` like trio's: network errors become
 ``trio.BrokenResourceError`` (the ``OSError`` as its cause), use after close becomes
@@ -46,14 +52,14 @@ from trio.lowlevel import (
     wait_writable,
 )
 
-#: Operations completed without waiting, loop-wide, after which one yields to the scheduler.
+#: Receives completed without waiting, loop-wide, after which one yields to the scheduler.
 YIELD_EVERY = 32
 #: What ``receive_some()`` asks of the kernel when the caller does not say.
 DEFAULT_RECEIVE_BYTES = 65536
 _NOTSENT_LOWAT_BYTES = 16 * 1024
 UNIX_BACKLOG_RETRY_SECONDS = 0.005
 
-# Operations completed without waiting since some task last went through the scheduler. One
+# Receives completed without waiting since some task last went through the scheduler. One
 # count per process: tunneld runs one trio loop (a second loop in another thread would only make
 # both yield a little more often than needed).
 _ready_in_a_row = 0
@@ -127,7 +133,7 @@ class EagerSocketStream(trio.abc.HalfCloseableStream):
         finally:
             if view is not None:
                 view.release()
-        await _count_ready()
+        await _yield_after_send()
 
     async def wait_send_all_might_not_block(self) -> None:
         if self.socket.fileno() == -1:
@@ -163,6 +169,13 @@ async def _wait(wait: Callable[[socket.socket], Awaitable[None]], sock: socket.s
     global _ready_in_a_row
     await wait(sock)
     _ready_in_a_row = 0
+
+
+async def _yield_after_send() -> None:
+    """Let every other ready task run before the sender goes on (see the module docstring)."""
+    global _ready_in_a_row
+    _ready_in_a_row = 0
+    await cancel_shielded_checkpoint()
 
 
 async def _count_ready() -> None:
