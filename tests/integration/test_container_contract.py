@@ -264,10 +264,19 @@ def _capabilities(pid: int) -> dict[str, str]:
 
 
 def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``, from their own PPid. (Not ``task/*/children``:
+    proc(5) calls it reliable only for stopped or frozen children, and trio spawns from a worker
+    thread, so the child moves to another thread's list when that thread exits.)"""
     found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         with contextlib.suppress(OSError):
-            found += [int(child) for child in (task / "children").read_text().split()]
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("PPid:"):
+                    if int(line.split()[1]) == pid:
+                        found.append(int(entry.name))
+                    break
     return found
 
 
