@@ -54,10 +54,12 @@ async def test_bytes_both_ways_then_eof() -> None:
     await b.aclose()
 
 
-async def test_tcp_sockets_get_nodelay() -> None:
+async def test_tcp_sockets_get_nodelay_and_a_notsent_bound() -> None:
     async with tcp_pair() as (client, accepted):
         for stream in (client, accepted):
             assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            notsent = stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+            assert notsent == 128 * 1024
             assert not stream.socket.getblocking()
 
 
