@@ -17,8 +17,11 @@ the image's user; ``cap_drop: ALL``,           ``setpriv``: the Dockerfile's USE
 the image's file capabilities                  the Dockerfile's ``setcap`` on copies of this
                                                interpreter (as a virtualenv) and of wireguard-go
 ``read_only``, the ``/run`` tmpfs, the key     a mount namespace: ``/`` remounted read-only, a
-volume, ``devices: /dev/net/tun``              tmpfs on ``/run`` with compose's options, the
-                                               volume at /var/lib/tunneld, the host's tun device
+volume                                         tmpfs on ``/run`` with compose's options, the
+                                               volume at /var/lib/tunneld
+``devices: /dev/net/tun``: a node the          the same, on a tmpfs at /dev/net: the host's
+runtime makes with the host's device number,   device number, and the mode of a host that runs
+mode and owner                                 udev, 0666 (see below)
 compose's ``environment``, no config file      the same variables, with the gateway's key and
                                                endpoint filled in
 ``HEALTHCHECK tunneld ready`` (an exec)        ``nsenter`` into the daemon's namespaces, with the
@@ -28,6 +31,13 @@ compose's ``environment``, no config file      the same variables, with the gate
 The first start creates the key in the empty volume and logs its public key; the gateway is then
 configured with it, as an operator would, and a request from the gateway's namespace crosses the
 tunnel to the app. The daemon's capabilities are read from /proc/PID/status; SIGTERM drains.
+
+The tun device's mode is the container's, never this machine's. The kernel creates /dev/net/tun
+``crw-------`` root; udev (``50-udev-default.rules``) or systemd-tmpfiles
+(``static-nodes-permissions.conf``) make it 0666 where they run. A machine without udev (a
+microVM, as CI's) keeps 0600 until a package install runs them, and runc copies the host's mode
+into the container, where the image's user cannot open it: that host is a test of its own, in
+which ``tunneld run`` must say what to do and stop.
 """
 
 from __future__ import annotations
@@ -189,8 +199,11 @@ def _blocked_ancestor(path: Path) -> Path | None:
     return None
 
 
-def _filesystem_script(image: Image, tunneld: dict[str, Any]) -> str:
-    """Root's set-up inside the new mount namespace, before it executes ``"$@"``."""
+def _filesystem_script(image: Image, tunneld: dict[str, Any], tun_mode: int = 0o666) -> str:
+    """Root's set-up inside the new mount namespace, before it executes ``"$@"``.
+
+    ``tun_mode``: the mode of the host's /dev/net/tun, which the runtime copies (0666 where udev
+    runs, the kernel's 0600 where nothing changed it)."""
     lines = ["set -eu"]
     # This machine's interpreter may live where only root can go (pyenv under /root). An image
     # has its interpreter in the open: show the needed directory alone, in the open.
@@ -226,6 +239,16 @@ def _filesystem_script(image: Image, tunneld: dict[str, Any]) -> str:
     )
     lines.append(f"mkdir {shlex.quote(volume_target)}")
     lines.append(f"mount --bind {shlex.quote(str(image.volume))} {shlex.quote(volume_target)}")
+    # devices: runc mknods the device in the container's /dev with the host's number, mode and
+    # owner (libcontainer's DeviceFromPath); here a tmpfs on /dev/net holds it, root's.
+    (device,) = tunneld["devices"]
+    host_device, _, device_target = device.partition(":")
+    number = Path(host_device).stat().st_rdev
+    lines.append(
+        f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(str(Path(device_target).parent))}"
+    )
+    major, minor = os.major(number), os.minor(number)
+    lines.append(f"mknod -m {tun_mode:o} {shlex.quote(device_target)} c {major} {minor}")
     if tunneld["read_only"]:
         lines.append("mount -o remount,bind,ro /")
     lines.append('exec "$@"')
@@ -278,6 +301,27 @@ def _children(pid: int) -> list[int]:
                         found.append(int(entry.name))
                     break
     return found
+
+
+def _container_diagnostics(pid: int, image: Image) -> str:
+    """What decides whether wireguard-go gets its tun device, as the container sees it: for a
+    failure message, next to tunneld's log."""
+    lines = ["-- the container, as seen from the host:"]
+    try:
+        info = Path(f"/proc/{pid}/root/dev/net/tun").stat()  # in the daemon's mount namespace
+        mode, number = stat.filemode(info.st_mode), info.st_rdev
+        device = f"{mode} {info.st_uid}:{info.st_gid} {os.major(number)},{os.minor(number)}"
+    except OSError as exc:
+        device = exc.strerror or str(exc)
+    lines.append(f"/dev/net/tun: {device}")
+    for path in (image.interpreter, image.wireguard_go):
+        capabilities = run("getcap", str(path), check=False).strip()
+        lines.append(capabilities or f"{path}: no file capabilities")
+    for process in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError):
+            exe = Path(f"/proc/{process}/exe").resolve().name
+            lines.append(f"pid {process} ({exe}): {_capabilities(process)}")
+    return "\n".join(lines)
 
 
 def _root_mount_options(pid: int) -> list[str]:
@@ -348,6 +392,9 @@ def test_the_sidecar_serves_the_app_through_the_tunnel_as_a_non_root_user_with_n
         def daemon_log() -> str:
             return log_path.read_text(errors="replace")
 
+        def explain() -> str:
+            return f"{daemon_log()}\n{_container_diagnostics(daemon.pid, image)}"
+
         def logged_public_key() -> str | None:
             if daemon.poll() is not None:
                 raise AssertionError(f"tunneld exited with {daemon.returncode}:\n{daemon_log()}")
@@ -356,7 +403,7 @@ def test_the_sidecar_serves_the_app_through_the_tunnel_as_a_non_root_user_with_n
 
         # First start: the key is created in the empty volume; its public key is in the log.
         connector_key = wait_for(
-            "the public key in the log", logged_public_key, timeout=30, explain=daemon_log
+            "the public key in the log", logged_public_key, timeout=30, explain=explain
         )
         key_file = image.volume / DEFAULT_PRIVATE_KEY_FILE.name
         info = key_file.stat()
@@ -389,7 +436,7 @@ def test_the_sidecar_serves_the_app_through_the_tunnel_as_a_non_root_user_with_n
             return children[0] if children else None
 
         wireguard_go = wait_for(
-            "wireguard-go to run as tunneld's child", wireguard_go_child, 30, explain=daemon_log
+            "wireguard-go to run as tunneld's child", wireguard_go_child, 30, explain=explain
         )
         assert _capabilities(wireguard_go) == expected  # its own file capability, =ep
 
@@ -407,7 +454,7 @@ def test_the_sidecar_serves_the_app_through_the_tunnel_as_a_non_root_user_with_n
                 raise AssertionError(f"tunneld exited with {daemon.returncode}:\n{daemon_log()}")
             return result.returncode == 0 and result.stdout.strip() == "ready"
 
-        wait_for("the health check to pass", healthy, timeout=60, explain=daemon_log)
+        wait_for("the health check to pass", healthy, timeout=60, explain=explain)
 
         # A request from the gateway crosses the tunnel to the app on 127.0.0.1, on port 80.
         connection = netns.HTTPConnection(topology.gateway_ns, HOST_TUNNEL, 80)
