@@ -512,3 +512,41 @@ def test_without_net_admin_from_the_runtime_the_image_still_runs_and_run_says_wh
     assert "tunneld needs CAP_NET_ADMIN" in daemon.stderr
     assert "--cap-add NET_ADMIN" in daemon.stderr
     assert not any(image.volume.iterdir())  # it stopped before creating a key
+
+
+def test_on_a_host_whose_tun_device_only_root_may_open_run_says_so_and_stops(
+    image: Image,
+) -> None:
+    """A host without udev keeps the kernel's /dev/net/tun, ``crw-------`` root, and the runtime
+    copies that mode: the image's user cannot open it (EACCES), so wireguard-go never starts.
+    That is for a person to fix: `run` says what to do and stops (exit 2) instead of rebuilding
+    the interface for ever."""
+    compose = load_compose(
+        {
+            "TUNNELD_GATEWAY_PUBLIC_KEY": encode_key(public_key(generate_private_key())),
+            "TUNNELD_GATEWAY_ENDPOINT": "127.0.0.1:51820",  # nothing is sent: no device
+        }
+    )
+    tunneld, app_service = compose["services"]["tunneld"], compose["services"]["app"]
+    # userspace: "auto" takes the kernel's WireGuard where there is one, with no tun device.
+    environment = {**_environment(image, tunneld), "TUNNELD_INTERFACE_BACKEND": "userspace"}
+    # A namespace of its own, set up as the app's is (compose's sysctls), so that tunneld gets as
+    # far as the device.
+    namespace = ["set -eu", "ip link set lo up"]
+    namespace += [
+        f"sysctl -q -w {name}={shlex.quote(str(value))}"
+        for name, value in app_service["sysctls"].items()
+    ]
+    script = "\n".join([*namespace, _filesystem_script(image, tunneld, tun_mode=0o600)])
+    result = subprocess.run(
+        [
+            "unshare", "--net", "--mount", "--", "sh", "-c", script,
+            "sh", *_as_the_image_user(image, tunneld, str(image.entrypoint), "run"),
+        ],
+        capture_output=True, text=True, timeout=30, check=False, env=environment,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert f"uid {image.uid} cannot open /dev/net/tun (crw------- 0:0)" in result.stderr, output
+    assert "chmod 0666 /dev/net/tun" in result.stderr, output
+    assert "rebuilding" not in output

@@ -13,9 +13,11 @@ and replaced, so a restart always ends with a device we supervise.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
@@ -33,6 +35,7 @@ from tunneld.wireguard.model import DeviceConfig, DeviceStats
 log = logging.getLogger(__name__)
 
 SOCKET_DIRECTORY = Path("/var/run/wireguard")
+TUN_DEVICE = Path("/dev/net/tun")
 UAPI_TIMEOUT_SECONDS = 5.0
 STARTUP_TIMEOUT_SECONDS = 10.0
 _OUTPUT_TAIL_LINES = 20
@@ -100,6 +103,42 @@ def find_binary(binary: str) -> str:
     return found
 
 
+def check_tun_device(path: Path = TUN_DEVICE) -> None:
+    """Raise what a person must fix if this process cannot open the tun device.
+
+    The implementation runs as our user and groups and opens ``path`` read-write before it asks
+    for an interface, so our own open answers for it; opening the clone device creates nothing.
+    Without this, a refusal looks like a child that dies at once, and the supervisor would
+    rebuild for ever. The usual one: a host without udev keeps the kernel's ``crw-------`` root
+    node, and container runtimes copy that mode into the container, where a non-root user with
+    CAP_NET_ADMIN alone (no CAP_DAC_OVERRIDE) is refused.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BackendUnavailableError(
+            f"{path} does not exist, and userspace WireGuard needs it: load the tun module "
+            "(modprobe tun); in a container, pass the device (docker: --device /dev/net/tun)"
+        ) from None
+    except PermissionError as exc:
+        if exc.errno == errno.EPERM:  # not the file's mode: the device cgroup, or an LSM
+            raise PermissionError_(
+                f"{path}: operation not permitted; allow the device to tunneld (docker: "
+                "--device /dev/net/tun; systemd: DeviceAllow=/dev/net/tun rw)"
+            ) from exc
+        try:
+            info = path.stat()
+            node = f" ({stat.filemode(info.st_mode)} {info.st_uid}:{info.st_gid})"
+        except OSError:
+            node = ""
+        raise PermissionError_(
+            f"uid {os.geteuid()} cannot open {path}{node}, which userspace WireGuard needs "
+            f"read-write: on the host, give it mode 0666 as udev does (chmod 0666 {path}); a "
+            "container gets the host's mode"
+        ) from exc
+    os.close(fd)
+
+
 def _child_environment() -> dict[str, str]:
     # Deliberately not os.environ: a child inherits nothing it does not need.
     return {
@@ -113,10 +152,11 @@ def _child_environment() -> dict[str, str]:
 
 def _explain_exit(binary: str, status: int, output: list[str]) -> TunneldError:
     tail = "; ".join(output[-5:]) or "no output"
-    if any("operation not permitted" in line.lower() for line in output):
+    refusals = ("operation not permitted", "permission denied")  # EPERM, EACCES: not transient
+    if any(refusal in line.lower() for line in output for refusal in refusals):
         return PermissionError_(
-            f"{binary} could not create its tun device ({tail}); tunneld needs root or "
-            "CAP_NET_ADMIN, and /dev/net/tun must exist"
+            f"{binary} was refused what it needs ({tail}); tunneld needs root or "
+            f"CAP_NET_ADMIN, read-write access to {TUN_DEVICE}, and a writable {SOCKET_DIRECTORY}"
         )
     return BackendError(f"{binary} exited with status {status}: {tail}")
 
@@ -172,6 +212,7 @@ async def supervised_device(ifname: str, binary: str) -> AsyncIterator[Userspace
     If the child dies while the context is open, :class:`BackendError` is raised into the body.
     """
     path = find_binary(binary)
+    check_tun_device()
     tail: list[str] = []
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
@@ -204,6 +245,7 @@ async def supervised_device(ifname: str, binary: str) -> AsyncIterator[Userspace
 async def start_detached(ifname: str, binary: str) -> UserspaceDevice:
     """Start ``binary ifname`` in its own daemonizing mode (for the one-shot ``tunneld up``)."""
     path = find_binary(binary)
+    check_tun_device()
     # A file, not a pipe: the daemonized grandchild inherits our stdout and would hold a pipe
     # open for ever, so waiting for its EOF would never end.
     with tempfile.TemporaryFile() as output_file:
