@@ -412,6 +412,10 @@ def _header_name(table: Table) -> str | None:
         message = f"{quote(name)} is not a header name (letters, digits, !#$%&'*+-.^_`|~)"
         table.problem("name", message)
         return None
+    if "_" in name:
+        # Headers with "_" are dropped before the origin (see tunneld.proxy.headers).
+        table.problem("name", f"{quote(name)}: names with '_' are not forwarded; use '-'")
+        return None
     if name.lower() in _PROXY_HEADERS or name.lower().startswith("proxy-"):
         table.problem(
             "name",
