@@ -94,6 +94,7 @@ def test_without_parameters() -> None:
     assert without_parameters("/a;b=c;d/e;") == "/a/e"
     assert without_parameters("/;x/admin") == "/admin"
     assert without_parameters("/plain") == "/plain"
+    assert without_parameters("/admin%3Bx/y") == "/admin/y"
     for path in ("/a/..;/b", "/a/.;x/b", "/..;"):
         with pytest.raises(PathError):
             without_parameters(path)
@@ -110,6 +111,7 @@ def test_without_parameters() -> None:
         ("/a//b", "write it as '/a/b'"),
         ("/a%2Fb", "an encoded '/' (%2F) in the prefix"),
         ("/a;b", "';' cannot be matched"),
+        ("/a%3Bb", "';' cannot be matched"),
         ("/%zz", "a '%' not followed by two hex digits in the prefix"),
     ],
 )

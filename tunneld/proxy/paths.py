@@ -67,6 +67,8 @@ def _escape_table() -> dict[bytes, bytes | str]:
 _ESCAPES = _escape_table()
 _SLASHES = re.compile(rb"//+")
 _TEXT_SLASHES = re.compile(r"//+")
+# Servlet containers cut at a raw ';'; an encoded one is cut too, in case an origin decodes first.
+_PARAMETERS = re.compile(r"(;|%3B).*")
 
 
 def normalize_target(target: bytes) -> bytes:
@@ -121,9 +123,10 @@ def without_parameters(path: str) -> str:
     """``path`` (canonical, no query) as a servlet container reads it: ``;…`` cut off each segment.
 
     ``/admin;x/secret`` → ``/admin/secret``; ``/a/..;/b`` raises :class:`PathError`, because
-    ``..;`` is ``..`` to such an origin. Runs of ``/`` left behind (``/;x/a``) are merged.
+    ``..;`` is ``..`` to such an origin. An encoded ``;`` (``%3B``) cuts too, in case an origin
+    decodes before it cuts. Runs of ``/`` left behind (``/;x/a``) are merged.
     """
-    path = "/".join(segment.partition(";")[0] for segment in path.split("/"))
+    path = "/".join(_PARAMETERS.sub("", segment) for segment in path.split("/"))
     if "//" in path:
         path = _TEXT_SLASHES.sub("/", path)
     if any(segment in (".", "..") for segment in path.split("/")):
@@ -137,7 +140,7 @@ def prefix_problem(prefix: str) -> str | None:
     A prefix is compared with canonical paths, so it must be canonical itself, and it must not
     contain ``;`` (a path with one must match the same rule with it cut off).
     """
-    if ";" in prefix:
+    if ";" in prefix or "%3B" in prefix:
         return "';' cannot be matched: paths with ';' must match the same rule without it"
     try:
         normal = normalize_path(prefix.encode("ascii")).decode("ascii")

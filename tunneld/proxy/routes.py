@@ -7,10 +7,11 @@ Host comparison ignores case, a trailing dot and any ``:port``; bracketed IPv6 l
 by address. A path prefix matches on segment boundaries (``/v1`` matches ``/v1`` and ``/v1/x``,
 not ``/v10``), case-sensitively, and is compared with the path in the canonical form
 :mod:`tunneld.proxy.paths` gives it (the request parser puts every target in that form, and the
-origin gets that same form): unreserved characters decoded, ``//`` merged, dot segments, encoded
-``/`` and ``\\`` refused. Matching the path as sent would let ``/%61dmin`` past a rule for
-``/admin`` to an origin that decodes it. A path with ``;`` must also match the same rule with
-each segment's ``;parameters`` cut off, as Java servlet containers read it; else it is refused.
+origin gets that same form): unreserved characters decoded, ``//`` merged, dot segments,
+encoded ``/`` and ``\\`` refused. Matching the path as sent would let ``/%61dmin`` past a rule
+for ``/admin`` to an origin that decodes it. A path with ``;`` (or ``%3B``) must also match the
+same rule with each segment's ``;parameters`` cut off, as Java servlet containers read it; else
+it is refused (400).
 
 The syntax of a pattern (:func:`host_pattern`, used by config validation) lives here too, so that
 the canonical form config stores and the form :func:`normalize_host` gives a Host header agree;
@@ -202,7 +203,9 @@ class Router:
         end = target.find("?")
         path = (target if end < 0 else target[:end]) or "/"
         service = self._first(name, path)
-        if ";" in path and self._first(name, without_parameters(path)) is not service:
+        if (";" in path or "%3B" in path) and self._first(
+            name, without_parameters(path)
+        ) is not service:
             raise PathError("a ';' in the request path that changes which service it is for")
         return service
 
