@@ -39,6 +39,7 @@ _PROTECTED = frozenset({b"content-length", b"host"})
 _FORWARDING = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
 )
+_UNDERSCORE = ord("_")  # an int: ``95 in name`` is much cheaper than ``b"_" in name``
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
@@ -112,7 +113,7 @@ def request_headers(
             _droppable(name, listed)
             or name == b"expect"
             or name == policy.strip_header
-            or b"_" in name
+            or _UNDERSCORE in name
         ):
             continue
         if name in _FORWARDING:

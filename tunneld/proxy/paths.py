@@ -66,6 +66,8 @@ def _escape_table() -> dict[bytes, bytes | str]:
 
 _ESCAPES = _escape_table()
 _SLASHES = re.compile(rb"//+")
+# Bytes as ints: ``37 in target`` costs a tenth of ``b"%" in target`` (no buffer protocol).
+_PERCENT, _HASH, _BACKSLASH, _DOT = b"%#\\."
 _TEXT_SLASHES = re.compile(r"//+")
 # Servlet containers cut at a raw ';'; an encoded one is cut too, in case an origin decodes first.
 _PARAMETERS = re.compile(r"(;|%3B).*")
@@ -77,19 +79,26 @@ def normalize_target(target: bytes) -> bytes:
     The same object comes back when the path is already canonical, so a caller can tell with
     ``is`` whether anything changed. ``*`` (of ``OPTIONS *``) is returned as it is.
     """
-    end = target.find(b"?")
-    if end < 0:
-        end = len(target)
-    if (
-        target.find(b"%", 0, end) < 0
-        and target.find(b"//", 0, end) < 0
-        and target.find(b"/.", 0, end) < 0
-        and target.find(b"\\", 0, end) < 0
-        and target.find(b"#") < 0
+    if (  # the common case: nothing to do, and nothing allocated to find that out
+        _PERCENT not in target
+        and _HASH not in target
+        and _BACKSLASH not in target
+        and (_DOT not in target or target.find(b"/.") < 0)
+        and target.find(b"//") < 0
     ):
         return target
     if b"#" in target:
         raise PathError("a '#' in the request target (fragments are not sent to servers)")
+    end = target.find(b"?")
+    if end < 0:
+        end = len(target)
+    if (  # what made the first check fail is in the query, which stays as it is
+        target.find(b"%", 0, end) < 0
+        and target.find(b"//", 0, end) < 0
+        and target.find(b"/.", 0, end) < 0
+        and target.find(b"\\", 0, end) < 0
+    ):
+        return target
     path = normalize_path(target[:end])
     if end == len(target):
         return target if path == target else path
