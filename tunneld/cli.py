@@ -28,6 +28,7 @@ from tunneld.config_proxy import ServiceConfig
 from tunneld.config_reader import quote
 from tunneld.errors import principal_error
 from tunneld.preflight import interface_lock, require_net_admin, running_daemon_pid
+from tunneld.proxy.paths import PathError, normalize_target
 from tunneld.proxy.routes import Router
 from tunneld.status import device_report, format_status
 from tunneld.tunnel import Tunnel, load_tunnel_keys
@@ -301,7 +302,12 @@ def _cmd_route_test(args: argparse.Namespace) -> int:
         print(f"tunneld route-test: {exc}", file=sys.stderr)
         return EXIT_USAGE
     router = Router(_load(args).services)
-    service = router.match(host, target)
+    try:  # the proxy matches the canonical path (tunneld.proxy.paths), and so does this
+        canonical = normalize_target(target.encode("utf-8")).decode("utf-8")
+        service = router.match(host, canonical)
+    except PathError as exc:
+        print(f"{args.url} → refused (400): {exc}")
+        return EXIT_FAILURE
     if service is None:
         print(f"{args.url} → no service (404)")
         return EXIT_FAILURE

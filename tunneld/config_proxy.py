@@ -26,6 +26,7 @@ from typing import Literal, cast, get_args
 
 from tunneld.config_reader import Context, KeyPath, Table, dotted, quote, toml_lines
 from tunneld.host_port import HostPort
+from tunneld.proxy.paths import prefix_problem
 from tunneld.proxy.routes import exact_host, host_name, host_pattern, unreachable_rules
 from tunneld.wireguard.model import IPNetwork
 
@@ -298,6 +299,8 @@ def _path_prefix(table: Table) -> str:
         )
     elif any(segment in (".", "..") for segment in prefix.split("/")):
         table.problem("path_prefix", f'{quote(prefix)} has a "." or ".." segment')
+    elif (problem := prefix_problem(prefix)) is not None:
+        table.problem("path_prefix", f"{quote(prefix)}: {problem}")
     else:
         return prefix
     return _SERVICE_DEFAULTS.path_prefix
@@ -408,6 +411,10 @@ def _header_name(table: Table) -> str | None:
     if not _HEADER_NAME_RE.fullmatch(name):
         message = f"{quote(name)} is not a header name (letters, digits, !#$%&'*+-.^_`|~)"
         table.problem("name", message)
+        return None
+    if "_" in name:
+        # Headers with "_" are dropped before the origin (see tunneld.proxy.headers).
+        table.problem("name", f"{quote(name)}: names with '_' are not forwarded; use '-'")
         return None
     if name.lower() in _PROXY_HEADERS or name.lower().startswith("proxy-"):
         table.problem(

@@ -189,6 +189,18 @@ def test_route_test_names_the_service(
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_route_test_matches_the_canonical_path_as_the_proxy_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, VALID + ROUTES)
+    assert main(["route-test", "-c", str(path), "http://billing//%76%31/x"]) == 0
+    assert 'service "billing"' in capsys.readouterr().out
+    assert main(["route-test", "-c", str(path), "http://billing/v1/..%2fx"]) == 1
+    assert capsys.readouterr().out == (
+        "http://billing/v1/..%2fx → refused (400): an encoded '/' (%2F) in the request path\n"
+    )
+
+
 @pytest.mark.parametrize(
     "url", ["http://nope/", "http://billing/v10", "http://billing/", "http://postgres/"]
 )

@@ -434,6 +434,25 @@ HTTP_ERRORS = [
         'service[0].path_prefix: "/v1/../admin" has a "." or ".." segment',
     ),
     (
+        {"path_prefix": "/%61dmin"},
+        'service[0].path_prefix: "/%61dmin": requests are matched in canonical form;'
+        " write it as '/admin'",
+    ),
+    (
+        {"path_prefix": "/v1//x"},
+        'service[0].path_prefix: "/v1//x": requests are matched in canonical form;'
+        " write it as '/v1/x'",
+    ),
+    (
+        {"path_prefix": "/a%2Fb"},
+        "service[0].path_prefix: \"/a%2Fb\": an encoded '/' (%2F) in the prefix",
+    ),
+    (
+        {"path_prefix": "/app;v=1"},
+        "service[0].path_prefix: \"/app;v=1\": ';' cannot be matched: paths with ';' must"
+        " match the same rule without it",
+    ),
+    (
         {"host_rewrite": "billing local"},
         f'service[0].host_rewrite: "billing local" is not host or host:port ({DNS})',
     ),
@@ -504,6 +523,10 @@ HTTP_ERRORS = [
         {"require_header": {"name": "Proxy-Secret", "value_file": "s"}},
         'service[0].require_header.name: "Proxy-Secret" is a header the proxy itself reads or'
         ' sets; use one of your own, e.g. "X-Backend-Secret"',
+    ),
+    (
+        {"require_header": {"name": "X_Secret", "value_file": "s"}},
+        "service[0].require_header.name: \"X_Secret\": names with '_' are not forwarded; use '-'",
     ),
     (
         {"require_header": {"name": "X-Secret", "value_file": ""}},

@@ -181,3 +181,33 @@ def test_required_header() -> None:
     assert not has_required_header([(name, secret[:-1])], name, secret)
     assert not has_required_header([(name, secret), (name, secret)], name, secret)
     assert not has_required_header([(b"other", secret)], name, secret)
+
+
+def test_headers_with_underscores_are_dropped_like_nginx_does() -> None:
+    """CGI/WSGI read ``X_Forwarded_For`` as ``X-Forwarded-For``: no spoofing by spelling."""
+    out = forward(
+        [
+            (b"host", b"billing"),
+            (b"x_forwarded_for", b"6.6.6.6"),
+            (b"x_forwarded_proto", b"https"),
+            (b"forwarded_", b"for=6.6.6.6"),
+            (b"x_backend_secret", b"guess"),
+            (b"transfer_encoding", b"chunked"),
+            (b"x_custom", b"1"),
+            (b"x-custom", b"2"),
+        ],
+        strip_header=b"x-backend-secret",
+    )
+    assert not [name for name in names(out) if b"_" in name]
+    assert values(out, b"x-forwarded-for") == [ADDRESS.encode()]
+    assert values(out, b"x-forwarded-proto") == [b"http"]
+    assert values(out, b"x-custom") == [b"2"]
+    assert b"6.6.6.6" not in b"".join(value for _, value in out)
+
+
+def test_underscore_headers_are_dropped_even_when_forwarded_headers_are_trusted() -> None:
+    out = forward(
+        [(b"host", b"billing"), (b"x_forwarded_for", b"6.6.6.6"), (b"x-forwarded-for", b"1.2.3.4")],
+        trust_forwarded=True,
+    )
+    assert values(out, b"x-forwarded-for") == [b"1.2.3.4, " + ADDRESS.encode()]

@@ -277,6 +277,17 @@ BAD_REQUESTS = {
     "100 KB header": (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"x" * 100_000 + b"\r\n\r\n", 431),
     "many headers": (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-A: b\r\n" * 2000 + b"\r\n", 431),
     "huge target": (b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 431),
+    "encoded slash in the path": (b"GET /admin%2fx HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "encoded NUL in the path": (b"GET /a%00 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "invalid escape in the path": (b"GET /a%zz HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "backslash in the path": (b"GET /a\\b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "fragment in the target": (b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "fragment in an absolute-form target": (b"GET http://a/b#c HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "HTTP/1.0 with Transfer-Encoding": (
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.0\r\n\r\n",
+        400,
+    ),
 }
 
 
@@ -490,6 +501,9 @@ def test_response_head_and_chunks_round_trip() -> None:
         b"/v1/%2E./admin",
         b"/./x",
         b"http://billing/v1/../admin",
+        b"/v1/..%2fadmin",
+        b"/v1/%2e%2e%2fadmin",
+        b"http://billing/v1/%2e%2e/admin",
     ],
 )
 def test_dot_segments_cannot_escape_a_path_prefix(target: bytes) -> None:
@@ -503,3 +517,23 @@ def test_dots_inside_names_are_fine() -> None:
     parser = RequestParser(max_head_bytes=65536)
     events = parser.feed(b"GET /v1/file..txt/.well-known HTTP/1.1\r\nHost: billing\r\n\r\n")
     assert events[0].target == b"/v1/file..txt/.well-known"  # type: ignore[attr-defined]
+
+
+def test_targets_come_out_canonical_and_keep_their_query() -> None:
+    head = head_of(request(b"GET /%61dmin//x/%7e?q=%2f//.. HTTP/1.1\r\nHost: a\r\n\r\n"))
+    assert head.target == b"/admin/x/~?q=%2f//.."
+    head = head_of(request(b"GET http://a//%61%c3%a9?x=%61 HTTP/1.1\r\nHost: b\r\n\r\n"))
+    assert (head.host, head.target) == (b"a", b"/a%C3%A9?x=%61")
+
+
+def test_http10_chunked_request_is_refused_and_nothing_after_it_is_read() -> None:
+    """RFC 9112 §6.1: no keep-alive after it; a pipelined request must not be forwarded."""
+    parser = RequestParser(LIMIT)
+    with pytest.raises(ProtocolError) as caught:
+        parser.feed(
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
+            b"0\r\n\r\nGET /smuggled HTTP/1.0\r\n\r\n"
+        )
+    assert caught.value.status == 400
+    with pytest.raises(ProtocolError):
+        parser.feed(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")

@@ -979,6 +979,53 @@ async def test_bad_request_is_answered_and_the_next_connection_works(
             assert (await get(port)).status == 200
 
 
+async def test_http10_chunked_request_is_refused_and_a_pipelined_one_never_forwarded() -> None:
+    """Issue 13 point 6: nginx answers 400; before, tunneld kept the connection and forwarded
+    the request pipelined after the body."""
+    with trio.fail_after(GUARD_SECONDS):
+        async with (
+            tcp_origin() as (origin, upstream),
+            running_proxy([service("echo", upstream)]) as port,
+        ):
+            client = await Client.connect(port)
+            await client.send(
+                b"POST / HTTP/1.0\r\nHost: echo\r\nTransfer-Encoding: chunked\r\n"
+                b"Connection: keep-alive\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                b"GET /smuggled HTTP/1.0\r\nHost: echo\r\n\r\n"
+            )
+            answer = await client.response()
+            assert (answer.status, answer.headers["connection"]) == (400, "close")
+            assert await client.closed()
+            assert origin.requests == []
+
+
+async def test_paths_are_forwarded_in_canonical_form_and_refused_spellings_get_400() -> None:
+    with trio.fail_after(GUARD_SECONDS):
+        async with (
+            tcp_origin() as (origin, upstream),
+            running_proxy([service("echo", upstream)]) as port,
+        ):
+            answer = await get(port, "//%61dmin/%7e/x%c3%a9?q=%2f//..")
+            assert answer.json()["target"] == "/admin/~/x%C3%A9?q=%2f//.."
+            for target in ("/admin%2fx", "/x/..%2fadmin", "/a%00", "/a/../b"):
+                assert (await get(port, target)).status == 400, target
+            assert len(origin.requests) == 1
+
+
+async def test_a_path_parameter_that_changes_the_rule_gets_400() -> None:
+    with trio.fail_after(GUARD_SECONDS):
+        async with (
+            tcp_origin() as (origin, upstream),
+            running_proxy(
+                [service("admin", upstream, "echo", path_prefix="/admin"),
+                 service("echo", upstream)]
+            ) as port,
+        ):  # fmt: skip
+            assert (await get(port, "/admin;x/secret")).status == 400
+            assert (await get(port, "/login;jsessionid=1")).status == 200
+            assert [head.target for head in origin.requests] == [b"/login;jsessionid=1"]
+
+
 async def test_slow_head_gets_408() -> None:
     config = ProxyConfig(request_head_timeout_seconds=0.3)
     with trio.fail_after(GUARD_SECONDS):

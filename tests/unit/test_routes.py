@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tunneld.config_proxy import ServiceConfig, Upstream
+from tunneld.proxy.paths import PathError
 from tunneld.proxy.routes import (
     Router,
     host_matches,
@@ -124,6 +125,29 @@ def test_query_is_not_part_of_the_path_and_an_empty_path_is_root() -> None:
     assert routed(router, "api", "?x") == "any"
     assert routed(router, "api", "") == "any"
     assert routed(router, "api", "/x?/v1") == "any"
+
+
+def test_a_path_with_parameters_must_match_the_same_rule_without_them() -> None:
+    """Tomcat and Spring read ``/admin;x/secret`` as ``/admin/secret``: no way round a guard."""
+    router = Router(
+        [http("admin", "files", path_prefix="/admin"), http("files", "files"),
+         http("v1", "api", path_prefix="/v1")]
+    )  # fmt: skip
+    assert routed(router, "files", "/login;jsessionid=1?a=;") == "files"
+    assert routed(router, "files", "/admin/x;y") == "admin"
+    assert routed(router, "api", "/v1/a;b=c/d") == "v1"
+    assert routed(router, "files", "/x?q=/admin;x") == "files"  # the query is not the path
+    refused = [("files", "/admin;x/secret"), ("files", "/x/..;/admin"), ("files", "/;/admin"),
+               ("api", "/v1;x/y"), ("api", "/v1/..;/x"), ("files", "/admin%3Bx/y")]  # fmt: skip
+    for host, path in refused:
+        with pytest.raises(PathError):
+            router.match(host, path)
+
+
+def test_options_asterisk_matches_only_rules_for_the_whole_host() -> None:
+    router = Router([http("v1", "api", path_prefix="/v1"), http("all", "api")])
+    assert routed(router, "api", "*") == "all"
+    assert routed(Router([http("v1", "api", path_prefix="/v1")]), "api", "*") is None
 
 
 def test_first_match_wins_in_config_order() -> None:

@@ -8,6 +8,12 @@ answers itself. ``Connection`` cannot remove the headers that frame or route the
 (``Content-Length``, ``Host``): a client listing them there would otherwise make the origin read
 the body differently than we did.
 
+Headers whose names contain ``_`` are dropped, as nginx does by default
+(``underscores_in_headers off``): CGI, WSGI, PHP and Rack origins read ``X_Forwarded_For`` and
+``X-Forwarded-For`` as the same ``HTTP_X_FORWARDED_FOR``, so such a header could stand in for
+one this hop sets or strips, or for one a gateway's authentication sets. All of them go, not only
+look-alikes of the ones tunneld knows, because tunneld cannot know which the origin trusts.
+
 Forwarding headers: without ``trust_forwarded_headers`` incoming ``X-Forwarded-*`` and
 ``Forwarded`` are dropped and replaced with what this hop saw, so a client cannot spoof them;
 with it (the gateway is trusted to set them), the client address is appended to
@@ -33,6 +39,7 @@ _PROTECTED = frozenset({b"content-length", b"host"})
 _FORWARDING = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
 )
+_UNDERSCORE = ord("_")  # an int: ``95 in name`` is much cheaper than ``b"_" in name``
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
@@ -102,7 +109,12 @@ def request_headers(
         if name == b"upgrade" and upgrade:
             upgrades.append((name, value))
             continue
-        if _droppable(name, listed) or name == b"expect" or name == policy.strip_header:
+        if (
+            _droppable(name, listed)
+            or name == b"expect"
+            or name == policy.strip_header
+            or _UNDERSCORE in name
+        ):
             continue
         if name in _FORWARDING:
             if trust:

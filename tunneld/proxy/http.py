@@ -43,6 +43,7 @@ from tunneld.proxy.http1 import (
     error_response_bytes,
     printable,
 )
+from tunneld.proxy.paths import PathError
 from tunneld.proxy.pool import RECEIVE_BYTES, EventReader
 from tunneld.proxy.routes import Router
 
@@ -242,7 +243,18 @@ class HttpProxy:
         events = client.events
         if events and isinstance(events[0], EndOfMessage):  # a body-less request ends at once
             events.popleft()
-        config = self._router.match(head.host.decode("latin-1"), head.target.decode("latin-1"))
+        try:
+            config = self._router.match(head.host.decode("latin-1"), head.target.decode("latin-1"))
+        except PathError as exc:
+            self._request_done("", exc.status, started, head, address)
+            return await self._answer_error(
+                client,
+                head,
+                exc.status,
+                str(exc),
+                request_read=head.framing == "none",
+                idle_timeout=self._config.request_head_timeout_seconds,
+            )
         if config is None:
             self._request_done("", 404, started, head, address)
             # Unrouted: the client gets no longer to send its next request than for a head.

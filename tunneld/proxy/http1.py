@@ -13,6 +13,10 @@ llhttp leaves to its caller:
 - absolute-form targets (``GET http://billing/v1 HTTP/1.1``) are accepted as RFC 9112 §3.2.2
   requires of a server: the target's authority replaces ``Host`` and the target becomes
   origin-form, so routing and forwarding see one normal request;
+- the target's path is put in canonical form (:mod:`tunneld.proxy.paths`; 400 when it cannot
+  be), so routing matches and the origin gets the same path;
+- ``Transfer-Encoding`` on an HTTP/1.0 request is refused (400), as RFC 9112 §6.1 allows and
+  nginx does, rather than trusting a keep-alive after a body framed in a way 1.0 does not know;
 - response framing that depends on the request: an answer to ``HEAD`` has no body (llhttp cannot
   be told through httptools, so that head is cut out and fed alone), and a body without length
   ends when the origin closes (``feed_eof``).
@@ -32,6 +36,7 @@ from typing import Literal
 import httptools
 
 from tunneld.errors import ProxyError
+from tunneld.proxy.paths import PathError, normalize_target
 
 #: Default bound of a response head from an origin.
 MAX_RESPONSE_HEAD_BYTES = 65536
@@ -59,7 +64,7 @@ class IncompleteMessage(ProtocolError):
 @dataclass(frozen=True, slots=True)
 class RequestHead:
     method: bytes
-    target: bytes  # origin-form (or "*"), even when the client sent absolute-form
+    target: bytes  # origin-form (or "*"), even when the client sent absolute-form; path canonical
     version: bytes  # b"1.0" or b"1.1"
     headers: list[tuple[bytes, bytes]]  # names lower-cased, order kept
     keep_alive: bool
@@ -274,6 +279,10 @@ class RequestParser(_Parser):
         target, host = self._target_and_host(method, version == "1.1")
         upgrade = parser.should_upgrade()
         framing, length = self._body_framing()
+        if framing == "chunked" and version == "1.0":
+            # RFC 9112 §6.1: the framing is faulty; the connection must close after it (nginx:
+            # 400). An HTTP/1.0 origin or peer would not read the chunks as we do.
+            raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request; use HTTP/1.1")
         if upgrade and framing != "none":
             raise ProtocolError(400, "an Upgrade request must not carry a body")
         expect_continue = False
@@ -310,8 +319,7 @@ class RequestParser(_Parser):
             raise ProtocolError(400, "invalid Host header")
         target = self._url
         if target.startswith(b"/"):
-            _refuse_dot_segments(target)
-            return target, host
+            return _canonical(target), host
         if target == b"*":
             if method != b"OPTIONS":
                 raise ProtocolError(400, "the * target is only valid with OPTIONS")
@@ -331,8 +339,10 @@ class RequestParser(_Parser):
         authority = name if port is None else b"%s:%d" % (name, port)
         if not _HOST_RE.fullmatch(authority):
             raise ProtocolError(400, "invalid authority in the request target")
-        path = url.path or b"/"
-        _refuse_dot_segments(path)
+        fragment: bytes | None = url.fragment
+        if fragment is not None:
+            raise ProtocolError(400, "a '#' in the request target (fragments are not sent)")
+        path = _canonical(url.path or b"/")
         if url.query:
             path += b"?" + url.query
         self._headers = [(n, v) for n, v in self._headers if n != b"host"]
@@ -340,16 +350,12 @@ class RequestParser(_Parser):
         return path, authority
 
 
-def _refuse_dot_segments(target: bytes) -> None:
-    """400 for ``.``/``..`` path segments, plain or percent-encoded.
-
-    Routing matches path prefixes, and an origin that resolves ``/v1/../admin`` to ``/admin``
-    would let a request matched by a ``/v1`` rule reach what that rule was meant to fence off.
-    Clients normalise paths before sending, so only probes carry them.
-    """
-    path = target.split(b"?", 1)[0].replace(b"%2e", b".").replace(b"%2E", b".")
-    if any(segment in (b".", b"..") for segment in path.split(b"/")):
-        raise ProtocolError(400, "dot segments in the request path are not accepted")
+def _canonical(target: bytes) -> bytes:
+    """``target`` with its path in canonical form (:mod:`tunneld.proxy.paths`), else 400."""
+    try:
+        return normalize_target(target)
+    except PathError as exc:
+        raise ProtocolError(400, str(exc)) from None
 
 
 class ResponseParser(_Parser):

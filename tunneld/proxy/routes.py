@@ -5,7 +5,13 @@ host pattern and path prefix both match wins. A host pattern is an exact name, `
 (any name ending in ``.suffix``, not the bare suffix itself) or ``*`` (any host, the catch-all).
 Host comparison ignores case, a trailing dot and any ``:port``; bracketed IPv6 literals compare
 by address. A path prefix matches on segment boundaries (``/v1`` matches ``/v1`` and ``/v1/x``,
-not ``/v10``) and is compared with the path as sent, before any decoding.
+not ``/v10``), case-sensitively, and is compared with the path in the canonical form
+:mod:`tunneld.proxy.paths` gives it (the request parser puts every target in that form, and the
+origin gets that same form): unreserved characters decoded, ``//`` merged, dot segments,
+encoded ``/`` and ``\\`` refused. Matching the path as sent would let ``/%61dmin`` past a rule
+for ``/admin`` to an origin that decodes it. A path with ``;`` (or ``%3B``) must also match the
+same rule with each segment's ``;parameters`` cut off, as Java servlet containers read it; else
+it is refused (400).
 
 The syntax of a pattern (:func:`host_pattern`, used by config validation) lives here too, so that
 the canonical form config stores and the form :func:`normalize_host` gives a Host header agree;
@@ -18,6 +24,8 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from tunneld.proxy.paths import PathError, without_parameters
 
 if TYPE_CHECKING:  # config_proxy imports this module for its validation
     from tunneld.config_proxy import ServiceConfig
@@ -184,10 +192,24 @@ class Router:
             for service in self.rules
         ]
 
-    def match(self, host: str | None, path: str) -> ServiceConfig | None:
-        """The service for a request with this Host header and path, or None (→ 404)."""
+    def match(self, host: str | None, target: str) -> ServiceConfig | None:
+        """The service for a request with this Host header and target, or None (→ 404).
+
+        ``target`` is in canonical form (:func:`tunneld.proxy.paths.normalize_target`); its
+        query is ignored. Raises :class:`~tunneld.proxy.paths.PathError` (→ 400) for a path
+        with ``;`` that a servlet container would route elsewhere (see the module docstring).
+        """
         name = normalize_host(host or "")
-        path = path.split("?", 1)[0] or "/"
+        end = target.find("?")
+        path = (target if end < 0 else target[:end]) or "/"
+        service = self._first(name, path)
+        if (";" in path or "%3B" in path) and self._first(
+            name, without_parameters(path)
+        ) is not service:
+            raise PathError("a ';' in the request path that changes which service it is for")
+        return service
+
+    def _first(self, name: str, path: str) -> ServiceConfig | None:
         for prefix, patterns, service in self._compiled:
             if path_matches(prefix, path) and any(
                 host_matches(pattern, name) for pattern in patterns
