@@ -25,7 +25,7 @@ import trio
 from tunneld import __version__, daemon, keys, logs
 from tunneld.config import Config, HostPort, load_config, render_config
 from tunneld.config_proxy import ServiceConfig
-from tunneld.config_reader import quote
+from tunneld.config_reader import quote, shown
 from tunneld.errors import principal_error
 from tunneld.preflight import interface_lock, require_net_admin, running_daemon_pid
 from tunneld.proxy.routes import Router
@@ -311,7 +311,7 @@ def _cmd_route_test(args: argparse.Namespace) -> int:
 
 def split_test_url(url: str) -> tuple[str, str]:
     """``http://billing:80/v1/x?a=1`` → (``billing:80``, ``/v1/x?a=1``): Host and target."""
-    bad = f"{quote(url)} is not an http:// or https:// URL with a host, e.g. http://billing/v1/x"
+    bad = f"{shown(url)} is not an http:// or https:// URL with a host, e.g. http://billing/v1/x"
     if any(char.isspace() or not char.isprintable() for char in url):
         raise ValueError(bad)
     try:

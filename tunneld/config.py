@@ -72,6 +72,8 @@ from tunneld.config_reader import (
     file_path,
     quote,
     read_toml_file,
+    shown,
+    shown_name,
     toml_value,
 )
 from tunneld.errors import ConfigError
@@ -174,9 +176,9 @@ def _interface(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Inte
     name = table.text("name", "tunneld0")
     size = len(name.encode())
     if not 1 <= size <= 15:
-        table.problem("name", f"{quote(name)} is {size} bytes long; Linux allows 1–15")
+        table.problem("name", f"{shown(name)} is {size} bytes long; Linux allows 1–15")
     elif not _IFNAME_RE.fullmatch(name) or name in (".", ".."):
-        table.problem("name", f"{quote(name)} is not an interface name (A-Z a-z 0-9 _ . = + -)")
+        table.problem("name", f"{shown(name)} is not an interface name (A-Z a-z 0-9 _ . = + -)")
     private_key = _key_source(table, key_dirs, "private_key") or KeySource(DEFAULT_PRIVATE_KEY_FILE)
     addresses = _addresses(table)
     listen_port = table.optional_integer("listen_port", 1, 65535)
@@ -184,7 +186,7 @@ def _interface(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Inte
     mtu = table.integer("mtu", 1420, MTU_MIN, MTU_MAX)
     backend = table.text("backend", "auto")
     if backend not in get_args(BackendChoice):
-        table.problem("backend", f'{quote(backend)} is not one of "auto", "kernel", "userspace"')
+        table.problem("backend", f'{shown(backend)} is not one of "auto", "kernel", "userspace"')
     userspace_binary = table.text("userspace_binary", "wireguard-go")
     if not userspace_binary:
         table.problem("userspace_binary", "must not be empty; expected a command or path")
@@ -219,7 +221,7 @@ def _key_source(table: Table, key_dirs: _KeyDirs, prefix: str) -> KeySource | No
     if not credential or "/" in credential or "\0" in credential or credential in (".", ".."):
         table.problem(
             f"{prefix}_credential",
-            f"{quote(credential)} is not a credential name (a file name: no '/', not . or ..)",
+            f"{shown(credential)} is not a credential name (a file name: no '/', not . or ..)",
         )
         return None
     if key_dirs.credentials is None:
@@ -240,13 +242,13 @@ def _addresses(table: Table) -> tuple[IPInterface, ...]:
         try:
             address = ipaddress.ip_interface(text)
         except ValueError:
-            table.ctx.add(path, f"{quote(text)} is not an IP address/prefix, e.g. 10.44.0.2/24")
+            table.ctx.add(path, f"{shown(text)} is not an IP address/prefix, e.g. 10.44.0.2/24")
             continue
         if "/" not in text:
             example = f"{text}/{24 if address.version == 4 else 64}"
-            table.ctx.add(path, f"{quote(text)} has no prefix length; write it as {example}")
+            table.ctx.add(path, f"{shown(text)} has no prefix length; write it as {example}")
         elif address.ip in seen:
-            table.ctx.add(path, f"{quote(text)} repeats {dotted(seen[address.ip])}")
+            table.ctx.add(path, f"{shown(text)} repeats {dotted(seen[address.ip])}")
         else:
             seen[address.ip] = path
             addresses.append(address)
@@ -264,7 +266,7 @@ def _gateway(
     table = Table(ctx, ("gateway", index), raw)
     name = table.text("name", f"gateway-{index}")
     if not _GATEWAY_NAME_RE.fullmatch(name):
-        table.problem("name", f"{quote(name)} is not a gateway name ([A-Za-z0-9_.-], 1–63 chars)")
+        table.problem("name", f"{shown(name)} is not a gateway name ([A-Za-z0-9_.-], 1–63 chars)")
     public_key = b""
     encoded = table.required_text("public_key", "the gateway's base64 public key")
     if encoded is not None:  # None: missing or not a string, which is reported already
@@ -277,7 +279,7 @@ def _gateway(
         try:
             endpoints.append(HostPort.parse(text))
         except ValueError as exc:
-            ctx.add(path, f"{quote(text)} is not host:port ({exc})")
+            ctx.add(path, f"{shown(text)} is not host:port ({exc})")
     allowed_ips = _allowed_ips(table)
     keepalive = table.integer("persistent_keepalive", 25, 0, 65535)
     preshared_key = _key_source(table, key_dirs, "preshared_key")
@@ -295,12 +297,12 @@ def _allowed_ips(table: Table) -> tuple[IPNetwork, ...]:
         try:
             network = ipaddress.ip_network(text, strict=False)  # host bits masked, as `wg` does
         except ValueError:
-            table.ctx.add(path, f"{quote(text)} is not an IP network, e.g. 10.44.0.1/32")
+            table.ctx.add(path, f"{shown(text)} is not an IP network, e.g. 10.44.0.1/32")
             continue
         if network.prefixlen == 0:
             table.ctx.add(
                 path,
-                f"{quote(text)} is a default route: tunneld never routes all traffic through "
+                f"{shown(text)} is a default route: tunneld never routes all traffic through "
                 "the tunnel; list the gateway's tunnel address, e.g. 10.44.0.1/32",
             )
             continue
@@ -315,7 +317,7 @@ def _check_gateways(ctx: Context, gateways: tuple[GatewayConfig, ...]) -> None:
     for index, gateway in enumerate(gateways):
         if gateway.name in first_with_name:
             first = first_with_name[gateway.name]
-            message = f"{quote(gateway.name)} is taken by gateway[{first}]"
+            message = f"{shown(gateway.name)} is taken by gateway[{first}]"
             ctx.add(("gateway", index, "name"), message)
         first_with_name.setdefault(gateway.name, index)
         if gateway.public_key in first_with_key:
@@ -370,7 +372,8 @@ def _env_target(variable: str) -> tuple[str, int | None, str] | None:
         if match:
             return section, None, match[1].lower()
     for section in _ENV_ARRAYS:
-        match = re.fullmatch(rf"{section.upper()}_(0|[1-9][0-9]*)_([A-Z][A-Z0-9_]*)", rest)
+        # At most 9 digits: int() refuses thousands, and any such index leaves a gap anyway.
+        match = re.fullmatch(rf"{section.upper()}_(0|[1-9][0-9]{{0,8}})_([A-Z][A-Z0-9_]*)", rest)
         if match:
             return section, int(match[1]), match[2].lower()
     return None
@@ -387,7 +390,9 @@ def _overlay_env(ctx: Context, raw: dict[str, object], environ: Mapping[str, str
             forms = [f"TUNNELD_{name.upper()}_<KEY>" for name in _ENV_TABLES]
             forms += [f"TUNNELD_{name.upper()}_<N>_<KEY>" for name in _ENV_ARRAYS]
             expected = ", ".join(forms + sorted(RESERVED_ENV))
-            ctx.problems.append(f"environment: {variable}: unknown variable; expected {expected}")
+            ctx.problems.append(
+                f"environment: {shown_name(variable)}: unknown variable; expected {expected}"
+            )
             continue
         section, index, key = target
         if index is not None:
@@ -404,8 +409,9 @@ def _overlay_env(ctx: Context, raw: dict[str, object], environ: Mapping[str, str
             tables.append({})
         if index > len(tables):
             ctx.problems.append(
-                f"environment: {variable}: index {index} leaves a gap: there is no {section} "
-                f"{len(tables)} in the file or environment (indices are 0-based, contiguous)"
+                f"environment: {shown_name(variable)}: index {index} leaves a gap: there is no "
+                f"{section} {len(tables)} in the file or environment (indices are 0-based, "
+                "contiguous)"
             )
         elif isinstance(tables[index], dict):
             _set_env_value(ctx, (section, index), tables[index], key, variable, environ[variable])

@@ -1,0 +1,158 @@
+"""Hostile and oversized input to config validation: every message stays short and one line.
+
+A message that quotes a value shows at most ``MAX_SHOWN_CHARS`` of it, escaped, and says how
+long it was; a value from a 1 MiB file or a 900 KB variable must not come back whole (it would
+flood the journal, and a newline inside it would forge a second "problem" line).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tunneld import config
+from tunneld.config import load_config
+from tunneld.config_reader import MAX_SHOWN_CHARS, shown
+from tunneld.errors import ConfigError
+
+KEY = base64.b64encode(bytes(range(32))).decode()
+HUGE = "\x1b[31m\nX" + "x" * 900_000  # 900 KB that starts with an escape sequence and a newline
+#: A problem line: the key path, the value's first MAX_SHOWN_CHARS escaped, and the prose.
+MAX_PROBLEM_CHARS = 2 * MAX_SHOWN_CHARS * 6 + 400
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "absent" / "tunneld.toml")
+    return tmp_path
+
+
+def toml(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(toml(item) for item in value) + "]"
+    return str(value)
+
+
+def document(sections: dict[str, dict[str, Any]]) -> str:
+    base: dict[str, dict[str, Any]] = {
+        "interface": {"address": ["10.44.0.2/24"]},
+        "gateway": {"public_key": KEY, "endpoints": ["gw:51820"], "allowed_ips": ["10.44.0.1/32"]},
+        "service": {"name": "web", "hosts": ["web"], "upstream": "http://127.0.0.1:8080"},
+    }
+    text = ""
+    for section, table in base.items():
+        header = f"[[{section}]]" if section in ("gateway", "service") else f"[{section}]"
+        merged = {**table, **sections.get(section, {})}
+        text += (
+            header
+            + "\n"
+            + "".join(f"{toml(key)} = {toml(value)}\n" for key, value in merged.items())
+        )
+        for sub, sub_table in sections.get(f"{section}.", {}).items():
+            text += f"[{section}.{sub}]\n"
+            text += "".join(f"{toml(key)} = {toml(value)}\n" for key, value in sub_table.items())
+    for section in ("health", "metrics", "proxy"):
+        if section in sections:
+            text += f"[{section}]\n"
+            text += "".join(
+                f"{toml(key)} = {toml(value)}\n" for key, value in sections[section].items()
+            )
+    return text
+
+
+def problems_of(text: str = "", environ: dict[str, str] | None = None) -> list[str]:
+    path = Path("tunneld.toml")
+    path.write_text(text or document({}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ=environ or {})
+    return info.value.problems
+
+
+def assert_bounded(found: list[str]) -> None:
+    assert found
+    for problem in found:
+        assert len(problem) <= MAX_PROBLEM_CHARS, problem[:300]
+        assert problem.isprintable(), problem[:300]  # no newline, no ESC: one line, no forgery
+    assert any(re.search(r"… \(\d+ (bytes|digits)\)", problem) for problem in found), found
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"interface": {"name": HUGE}},
+        {"interface": {"backend": HUGE}},
+        {"interface": {"address": [HUGE]}},
+        {"interface": {"private_key_file": "\0" + HUGE}},
+        {"interface": {HUGE: 1}},
+        {"gateway": {"name": HUGE}},
+        {"gateway": {"endpoints": [HUGE]}},
+        {"gateway": {"endpoints": ["gw:" + HUGE]}},
+        {"gateway": {"allowed_ips": [HUGE]}},
+        {"gateway": {"probe_address": HUGE}},
+        {"health": {"probe": HUGE}},
+        {"health": {"probe": "tcp:" + HUGE}},
+        {"metrics": {"listen": HUGE}},
+        {"metrics": {"ready_services": [HUGE]}},
+        {"proxy": {"allowed_sources": [HUGE]}},
+        {"service": {"name": HUGE}},
+        {"service": {"protocol": HUGE}},
+        {"service": {"hosts": [HUGE]}},
+        {"service": {"path_prefix": HUGE}},
+        {"service": {"path_prefix": "/" + HUGE}},
+        {"service": {"upstream": HUGE}},
+        {"service": {"upstream": "http://" + HUGE}},
+        {"service": {"upstream": "unix:/" + HUGE}},
+        {"service": {"host_rewrite": HUGE}},
+        {"service.": {"require_header": {"name": HUGE, "value_file": "s"}}},
+        {
+            "service": {"upstream": "https://127.0.0.1:1"},
+            "service.": {"tls": {"server_name": HUGE}},
+        },
+    ],
+    ids=lambda sections: ".".join(
+        f"{section}{'.'.join(table)}" for section, table in sections.items()
+    )[:60],
+)
+def test_a_huge_value_is_shown_bounded_and_escaped(sections: dict[str, dict[str, Any]]) -> None:
+    assert_bounded(problems_of(document(sections)))
+
+
+def test_a_huge_integer_is_shown_bounded() -> None:
+    assert_bounded(problems_of(document({"interface": {"mtu": "9" * 4000}})))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TUNNELD_INTERFACE_NAME", HUGE),
+        ("TUNNELD_INTERFACE_MTU", HUGE),
+        ("TUNNELD_INTERFACE_MTU", "9" * 900_000),  # int() refuses more than 4300 digits
+        ("TUNNELD_INTERFACE_FWMARK", "0x" + "f" * 900_000),
+        ("TUNNELD_HEALTH_INTERVAL", "9" * 900_000),
+        ("TUNNELD_PROXY_ACCESS_LOG", HUGE),
+        ("TUNNELD_SERVICE_0_UPSTREAM", HUGE),
+        ("TUNNELD_" + "X" * 900_000, "1"),
+        ("TUNNELD_SERVICE_" + "9" * 900_000 + "_NAME", "x"),
+    ],
+    ids=lambda value: value[:30],
+)
+def test_a_huge_variable_is_shown_bounded_and_escaped(variable: str, value: str) -> None:
+    assert_bounded(problems_of(environ={variable: value}))
+
+
+def test_shown_keeps_short_values_whole_and_says_how_long_long_ones_were() -> None:
+    assert shown("billing") == '"billing"'
+    assert shown("a\nb\x1b") == '"a\\nb\\u001b"'
+    long = "é" * 1000
+    text = shown(long)
+    assert text.startswith('"' + "é" * MAX_SHOWN_CHARS + '"')
+    assert text.endswith("(2000 bytes)")
+    assert shown("\u202e" + "x") == '"\\u202ex"'  # bidi override: escaped, not applied
