@@ -49,6 +49,7 @@ from tunneld.config_health import (
     render_health,
     render_probe_address,
 )
+from tunneld.config_loops import check_upstream_loops
 from tunneld.config_metrics import (
     MetricsConfig,
     check_ready_services,
@@ -357,6 +358,7 @@ def _config(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Config:
     check_services(ctx, proxy, services)
     metrics = read_metrics(ctx, root.table("metrics"))
     check_ready_services(ctx, metrics, [service.name for service in services])
+    check_upstream_loops(ctx, interface.addresses, proxy, services, metrics)
     root.done()
     return Config(ctx.label, interface, gateways, health, proxy, services, metrics)
 

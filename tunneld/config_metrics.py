@@ -9,6 +9,7 @@ ready (an origin that is down makes the connector useless even with the tunnel u
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,4 +83,9 @@ def render_metrics(metrics: MetricsConfig) -> list[str]:
 
 
 def _is_ip_literal(host: str) -> bool:
-    return host[:1].isdigit() or ":" in host
+    # Not "starts with a digit": 1abc and 0x7f.1 are names that getaddrinfo would look up.
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

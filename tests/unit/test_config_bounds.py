@@ -156,3 +156,13 @@ def test_shown_keeps_short_values_whole_and_says_how_long_long_ones_were() -> No
     assert text.startswith('"' + "é" * MAX_SHOWN_CHARS + '"')
     assert text.endswith("(2000 bytes)")
     assert shown("\u202e" + "x") == '"\\u202ex"'  # bidi override: escaped, not applied
+
+
+@pytest.mark.parametrize("listen", ["1abc:9477", "0x7f.1:9477"])
+def test_metrics_listen_must_be_an_ip_address_not_a_name_that_starts_with_a_digit(
+    listen: str,
+) -> None:
+    found = problems_of(document({"metrics": {"listen": listen}}))
+    assert found == [
+        f'tunneld.toml: metrics.listen: "{listen}": listen on an IP address, not a name'
+    ]
