@@ -26,7 +26,7 @@ from tunneld import __version__, daemon, keys, logs
 from tunneld.config import Config, HostPort, load_config, render_config
 from tunneld.config_proxy import ServiceConfig
 from tunneld.config_reader import quote, shown
-from tunneld.errors import principal_error
+from tunneld.errors import KeyFileError, principal_error
 from tunneld.preflight import interface_lock, require_net_admin, running_daemon_pid
 from tunneld.proxy.routes import Router
 from tunneld.status import device_report, format_status
@@ -278,8 +278,46 @@ def fetch(listen: HostPort, path: str, timeout: float = 3.0) -> tuple[int, bytes
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
+    for note in check_secret_files(config, creating=True):
+        log.info("%s", note)
     print(render_config(config), end="")
     return EXIT_OK
+
+
+def check_secret_files(config: Config, *, creating: bool) -> list[str]:
+    """Check every key and secret file of ``config`` as ``run`` (``creating``) or a reload
+    would read it, and create nothing; return notes (a key ``run`` will create).
+
+    Raises one ``KeyFileError`` listing every file that would be refused, each with the message
+    its refusal would have. The files are read with the same functions as there (a FIFO is not
+    waited on, a file is checked before it is read), so no content is ever printed.
+    """
+    notes: list[str] = []
+    problems: list[str] = []
+    source = config.interface.private_key
+    try:
+        if creating and source.credential is None:
+            if keys.check_private_key_file(source.path):
+                notes.append(f"{source.path} does not exist; tunneld run will create it (mode 600)")
+        else:
+            keys.load_key_file(source.path)
+    except KeyFileError as exc:
+        problems.append(str(exc))
+    for gateway in config.gateways:
+        if gateway.preshared_key is not None:
+            try:
+                keys.load_key_file(gateway.preshared_key.path, what="preshared key")
+            except KeyFileError as exc:
+                problems.append(str(exc))
+    for service in config.services:
+        if service.require_header is not None:
+            try:  # as load_service_secrets reads it
+                keys.read_secret_file(service.require_header.value_file, what="header secret file")
+            except KeyFileError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise KeyFileError("\n".join(problems))
+    return notes
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
@@ -289,6 +327,7 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     if pid is None:
         print(f"tunneld reload: no running tunneld manages {ifname}", file=sys.stderr)
         return EXIT_FAILURE
+    check_secret_files(config, creating=False)  # as are key files the daemon would refuse
     os.kill(pid, signal.SIGHUP)
     print(f"asked tunneld (pid {pid}, interface {ifname}) to reload; its log says what changed")
     return EXIT_OK

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import os
 import secrets
 import shlex
@@ -133,6 +134,52 @@ def ensure_private_key_file(path: Path) -> tuple[bytes, bool]:
             return key, True
         # Another process created it between our check and our link(): use the winner's key.
     return load_key_file(path), False
+
+
+def check_private_key_file(path: Path) -> bool:
+    """Check *path* as ``ensure_private_key_file`` would use it, but create nothing.
+
+    Returns True if the file is missing and could be created, False if it holds a usable key
+    (loaded and dropped: never returned). Raises the ``KeyFileError`` that
+    ``ensure_private_key_file`` would raise, with the same message.
+    """
+    if os.path.lexists(path):
+        load_key_file(path)
+        return False
+    problem = _creation_problem(path)
+    if problem:
+        raise KeyFileError(problem)
+    return True
+
+
+def _creation_problem(path: Path) -> str:
+    """What ``_create`` would fail with, found without creating anything; "" if nothing."""
+    directory = path.parent
+    existing = directory
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():  # mkdir() of the directory below it would fail
+        error = errno.EEXIST if existing == directory else errno.ENOTDIR
+        return (
+            f"{path}: cannot create directory {directory} ({os.strerror(error)}); "
+            "create it (mode 700) or choose another path"
+        )
+    if os.access(existing, os.W_OK | os.X_OK, effective_ids=True):
+        return ""
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    reason = os.strerror(errno.EROFS if read_only else errno.EACCES)
+    if existing != directory:
+        return (
+            f"{path}: cannot create directory {directory} ({reason}); "
+            "create it (mode 700) or choose another path"
+        )
+    return (
+        f"{path}: cannot create key file ({reason}); "
+        f"check that {directory} is a writable directory with free space"
+    )
 
 
 def _create(path: Path) -> bytes | None:
