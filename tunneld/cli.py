@@ -312,7 +312,7 @@ def check_secret_files(config: Config, *, creating: bool) -> list[str]:
     for service in config.services:
         if service.require_header is not None:
             try:  # as load_service_secrets reads it
-                keys.read_secret_file(service.require_header.value_file, what="header secret file")
+                keys.load_header_secret(service.require_header.value_file)
             except KeyFileError as exc:
                 problems.append(str(exc))
     if problems:

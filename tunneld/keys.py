@@ -112,6 +112,24 @@ def read_secret_file(path: Path, *, what: str = "secret file", missing_hint: str
         os.close(fd)
 
 
+def load_header_secret(path: Path) -> bytes:
+    """Return the shared secret in *path* (a ``require_header`` value), surrounding whitespace
+    removed; the file follows the rules of ``read_secret_file``.
+
+    Raises ``KeyFileError`` if no request could carry it: empty, or with a control character
+    (a line break inside it, say), which a header value cannot hold.
+    """
+    secret = read_secret_file(path, what="header secret file").strip()
+    if not secret:
+        raise KeyFileError(f"{path}: is empty; put the shared secret in it (one line)")
+    if any((byte < 0x20 and byte != 0x09) or byte == 0x7F for byte in secret):
+        raise KeyFileError(
+            f"{path}: the secret contains a control character (a line break?), which a "
+            "header value cannot hold; put the secret on one line"
+        )
+    return secret
+
+
 def create_private_key_file(path: Path) -> bytes:
     """Create *path* holding a new private key (mode 0600) and return the key.
 

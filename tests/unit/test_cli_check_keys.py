@@ -230,3 +230,32 @@ def test_reload_refuses_what_the_daemon_would_refuse(
     assert main(["reload", "-c", str(path)]) == 2
     assert "missing.key: does not exist" in capsys.readouterr().err
     assert signals == []
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(b"", "is empty"), (b"  \n", "is empty"), (b"abc\ndef\n", "control character")],
+    ids=["empty", "blank", "two-lines"],
+)
+def test_a_header_secret_that_no_request_could_carry_is_refused_by_both(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, problem: str
+) -> None:
+    """An empty secret made run fail with "the require_header secret was not loaded" while
+    check-config passed; a secret with a line break can never be sent in a header."""
+    (tmp_path / "header.secret").write_bytes(content)
+    (tmp_path / "header.secret").chmod(0o600)
+    services = """
+        [[service]]
+        name = "vault"
+        hosts = ["vault"]
+        upstream = "http://127.0.0.1:8200"
+        [service.require_header]
+        name = "X-Backend-Secret"
+        value_file = "header.secret"
+        """
+    path = write_config(tmp_path, services)
+    with pytest.raises(KeyFileError) as info:
+        load_service_secrets(load_config(path, environ={}))
+    assert problem in str(info.value)
+    assert main(["check-config", "-c", str(path)]) == 2
+    assert str(info.value) in capsys.readouterr().err
