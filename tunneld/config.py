@@ -75,6 +75,7 @@ from tunneld.config_reader import (
     read_toml_file,
     shown,
     shown_name,
+    shown_path,
     toml_value,
 )
 from tunneld.errors import ConfigError
@@ -380,7 +381,7 @@ def _overlapping_allowed_ips(
     return overlaps
 
 
-def _config(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Config:
+def _config(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object], source: str) -> Config:
     root = Table(ctx, (), raw)
     interface = _interface(ctx, key_dirs, root.table("interface"))
     health = read_health(ctx, root.table("health"))
@@ -402,7 +403,7 @@ def _config(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Config:
     check_ready_services(ctx, metrics, [service.name for service in services])
     check_upstream_loops(ctx, interface.addresses, proxy, services, metrics)
     root.done()
-    return Config(ctx.label, interface, gateways, health, proxy, services, metrics)
+    return Config(source, interface, gateways, health, proxy, services, metrics)
 
 
 # --- environment and load_config ------------------------------------------------------------
@@ -482,24 +483,24 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     """
     env = os.environ if environ is None else environ
     if path is not None:
-        raw = read_toml_file(path, str(path))
+        raw = read_toml_file(path, shown_path(str(path)))
     elif "TUNNELD_CONFIG" in env:
         if not env["TUNNELD_CONFIG"]:
             raise ConfigError("environment: TUNNELD_CONFIG: empty; expected a file path")
         path = Path(env["TUNNELD_CONFIG"])
-        raw = read_toml_file(path, f"environment: TUNNELD_CONFIG: {path}")
+        raw = read_toml_file(path, f"environment: TUNNELD_CONFIG: {shown_path(str(path))}")
     else:
         path = DEFAULT_CONFIG_PATH
         raw = read_toml_file(path, str(path), required=False)
     if raw is None:  # no default file: the environment alone
-        raw, label, key_dir = {}, "environment", _absolute(Path())
+        raw, source, key_dir = {}, "environment", _absolute(Path())
     else:
-        label, key_dir = str(path), _absolute(path.parent)
+        source, key_dir = str(path), _absolute(path.parent)
     credentials_dir = env.get("CREDENTIALS_DIRECTORY")
     key_dirs = _KeyDirs(key_dir, Path(credentials_dir) if credentials_dir else None)
-    ctx = Context(label, unknown_key_hints=_UNKNOWN_KEY_HINTS)
+    ctx = Context(shown_path(source), unknown_key_hints=_UNKNOWN_KEY_HINTS)
     _overlay_env(ctx, raw, env)
-    config = _config(ctx, key_dirs, raw)
+    config = _config(ctx, key_dirs, raw, source)
     if ctx.problems:
         raise ConfigError(ctx.problems)
     return config

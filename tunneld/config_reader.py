@@ -41,6 +41,8 @@ KeyPath = tuple[str | int, ...]
 
 #: A config file is a few kilobytes; anything this large is the wrong file.
 MAX_FILE_BYTES = 1 << 20
+#: Linux's PATH_MAX, which counts the terminating NUL: a longer path fails with ENAMETOOLONG.
+PATH_MAX_BYTES = 4096
 #: The longest duration ``Table.seconds`` accepts: bounds typos such as milliseconds as seconds.
 MAX_SECONDS = 365 * 86400
 
@@ -165,6 +167,11 @@ def shown_name(name: str) -> str:
     return shown(name)
 
 
+def shown_path(text: str) -> str:
+    """A file path for a message: as is if it is short and printable, else ``shown``."""
+    return text if len(text) <= MAX_SHOWN_CHARS and text.isprintable() else shown(text)
+
+
 def shown_number(value: int | float | str) -> str:
     """A number (or the digits of one) for a message, bounded like ``shown`` bounds text."""
     text = str(value)
@@ -250,6 +257,10 @@ def file_path(text: str, relative_to: Path | None) -> Path:
         raise ValueError("must not be empty; expected a file path")
     if "\0" in text:  # no file has one; os.open() would raise ValueError, not OSError
         raise ValueError(f"{shown(text)} contains a NUL character")
+    if len(text.encode("utf-8", "surrogatepass")) >= PATH_MAX_BYTES:
+        raise ValueError(
+            f"{shown(text)} is longer than {PATH_MAX_BYTES - 1} bytes, the longest path Linux opens"
+        )
     if Path(text).is_absolute():
         return Path(text)
     if relative_to is None:

@@ -242,3 +242,52 @@ def test_gateway_overlaps_are_found_in_linear_work(monkeypatch: pytest.MonkeyPat
 
     small, large = comparisons(100), comparisons(800)
     assert large <= 10 * small + 100, f"{small} comparisons for 100 gateways, {large} for 800"
+
+
+# --- file paths -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"TUNNELD_CONFIG": "/" + "a" * 900_000},
+        {"TUNNELD_CONFIG": "/tmp/x\n/tunneld.toml"},  # a newline would start a forged line
+    ],
+    ids=["huge", "newline"],
+)
+def test_the_config_path_is_shown_bounded_and_escaped(environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ=environ)
+    assert_bounded_lines(str(info.value))
+
+
+def test_a_config_path_from_the_command_line_is_shown_bounded(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / ("b" * 300) / ("c" * 900_000), environ={})
+    assert_bounded_lines(str(info.value))
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"interface": {"private_key_file": "/" + "k" * 5000}},
+        {"gateway": {"preshared_key_file": "k/" * 3000}},
+        {"service.": {"require_header": {"name": "X-S", "value_file": "/" + "s" * 4096}}},
+        {
+            "service": {"upstream": "https://127.0.0.1:1"},
+            "service.": {"tls": {"ca_file": "/" + "c" * 4096}},
+        },
+    ],
+    ids=["private_key_file", "preshared_key_file", "value_file", "ca_file"],
+)
+def test_a_file_path_longer_than_linux_opens_is_refused(sections: dict[str, Any]) -> None:
+    """PATH_MAX is 4096 bytes with the NUL: a longer path fails at run time with ENAMETOOLONG,
+    and every message about the file would carry it whole."""
+    found = problems_of(document(sections))
+    assert len(found) == 1 and "longer than 4095 bytes" in found[0], found
+    assert_bounded(found)
+
+
+def assert_bounded_lines(text: str) -> None:
+    """One problem: one short line."""
+    assert len(text) <= MAX_PROBLEM_CHARS and text.isprintable(), text[:300]
