@@ -257,6 +257,11 @@ def file_path(text: str, relative_to: Path | None) -> Path:
         raise ValueError("must not be empty; expected a file path")
     if "\0" in text:  # no file has one; os.open() would raise ValueError, not OSError
         raise ValueError(f"{shown(text)} contains a NUL character")
+    if any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in text):
+        raise ValueError(
+            f"{shown(text)} contains a control character; every message about the file would "
+            "carry it: rename the file"
+        )
     if len(text.encode("utf-8", "surrogatepass")) >= PATH_MAX_BYTES:
         raise ValueError(
             f"{shown(text)} is longer than {PATH_MAX_BYTES - 1} bytes, the longest path Linux opens"

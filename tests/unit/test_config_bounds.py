@@ -291,3 +291,12 @@ def test_a_file_path_longer_than_linux_opens_is_refused(sections: dict[str, Any]
 def assert_bounded_lines(text: str) -> None:
     """One problem: one short line."""
     assert len(text) <= MAX_PROBLEM_CHARS and text.isprintable(), text[:300]
+
+
+@pytest.mark.parametrize("path", ["/var/lib/tunneld/private\n.key", "key\x1b[2J", "a\x85b"])
+def test_a_file_path_with_a_control_character_is_refused(path: str) -> None:
+    """Every message about the file (``run``'s key errors too) would carry it, and a line break
+    in a message forges a line of the log."""
+    found = problems_of(document({"interface": {"private_key_file": path}}))
+    assert len(found) == 1 and "control character" in found[0], found
+    assert found[0].isprintable()
