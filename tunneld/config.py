@@ -10,7 +10,8 @@ How this works (the generic parts, which know no section of tunneld, are in ``co
    in ``config_proxy``) reads its table through ``Table``. A read converts the value to the
    key's type (environment strings are parsed there), records a problem instead of raising, and
    returns a fallback so that validation goes on. ``Table.done`` reports every key nobody read
-   as unknown. Rules spanning sections (duplicates, overlaps) run last.
+   as unknown. Rules spanning sections (duplicates, overlaps, an upstream that is one of
+   tunneld's own listeners: ``config_loops``) run last, each in time linear in the entries.
 4. If any problem was recorded, one ``ConfigError`` carries all of them, one per line:
    ``<file or "environment">: <key path or variable>: <what is wrong / what was expected>``.
 

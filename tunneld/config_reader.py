@@ -13,7 +13,9 @@ integers, true/false/1/0, seconds as decimals. A problem is reported against the
 one set the value, else against the key path in the file.
 
 ``toml_value`` and ``toml_lines`` write values back as TOML that these reads accept, for
-``render_config``.
+``render_config``; ``quote`` writes a whole string. A message quotes a value with ``shown``
+instead: escaped and bounded to ``MAX_SHOWN_CHARS``, so that a 900 KB value, a newline or an
+escape sequence cannot flood the log, forge a second problem line or reach the terminal.
 
 Only the file itself is fatal at once (``read_toml_file`` raises ``ConfigError``): without it
 there is nothing to validate. It must be a regular file of at most ``MAX_FILE_BYTES``, so that a

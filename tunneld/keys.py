@@ -14,6 +14,10 @@ then published with ``link()``, which fails if the name exists. So a reader neve
 an existing key is never overwritten, and when two processes race to create the file both end up
 with the winner's key. The directory is fsynced so the new name survives a crash.
 
+``check_private_key_file`` tells what ``ensure_private_key_file`` would do without doing it
+(``tunneld check-config``), and ``load_header_secret`` reads a ``require_header`` secret,
+refusing one that no request could carry.
+
 Key material never appears in messages, exception arguments or tracebacks, and this module logs
 nothing.
 """
