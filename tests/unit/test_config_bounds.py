@@ -300,3 +300,13 @@ def test_a_file_path_with_a_control_character_is_refused(path: str) -> None:
     found = problems_of(document({"interface": {"private_key_file": path}}))
     assert len(found) == 1 and "control character" in found[0], found
     assert found[0].isprintable()
+
+
+def test_a_config_file_of_1_gib_is_refused_without_reading_it() -> None:
+    with Path("tunneld.toml").open("wb") as file:
+        file.truncate(1 << 30)  # sparse: no disk used, but read() would return 1 GiB of NULs
+    with pytest.raises(ConfigError) as info:
+        load_config(Path("tunneld.toml"), environ={})
+    assert info.value.problems == [
+        "tunneld.toml: larger than 1048576 bytes; a config file is a few kilobytes: check the path"
+    ]
