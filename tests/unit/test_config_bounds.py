@@ -310,3 +310,11 @@ def test_a_config_file_of_1_gib_is_refused_without_reading_it() -> None:
     assert info.value.problems == [
         "tunneld.toml: larger than 1048576 bytes; a config file is a few kilobytes: check the path"
     ]
+
+
+def test_route_test_shows_a_huge_url_bounded() -> None:
+    from tunneld.cli import split_test_url
+
+    with pytest.raises(ValueError) as info:
+        split_test_url("http://" + "h" * 900_000 + "\n/x")
+    assert_bounded_lines(str(info.value))
