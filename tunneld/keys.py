@@ -249,9 +249,16 @@ def _read_owner_only_file(fd: int, path: Path, what: str) -> bytes:
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
         access = "readable" if mode & 0o044 else "writable"
+        if not path.is_symlink():
+            raise KeyFileError(
+                f"{path}: {access} by group/other (mode {mode:04o}); "
+                f"run: chmod 600 {shlex.quote(str(path))}"
+            )
+        # chmod follows the link: name the file it would change (/etc/shadow, say).
+        target = _opened_path(fd, path)
         raise KeyFileError(
-            f"{path}: {access} by group/other (mode {mode:04o}); "
-            f"run: chmod 600 {shlex.quote(str(path))}"
+            f"{path}: a symlink to {target}, which is {access} by group/other "
+            f"(mode {mode:04o}); if that file is the key, run: chmod 600 {shlex.quote(target)}"
         )
     too_large = (
         f"{path}: too large for a {what} (at most {MAX_KEY_FILE_BYTES} bytes); check the path"
@@ -269,6 +276,14 @@ def _read_owner_only_file(fd: int, path: Path, what: str) -> bytes:
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read ({exc.strerror}); check the file") from exc
     return b"".join(chunks)
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """The file that *fd* is open on (where the symlink *path* led when it was opened)."""
+    try:
+        return str(Path(f"/proc/self/fd/{fd}").readlink())
+    except OSError:  # no /proc: resolve the name again
+        return str(path.resolve())
 
 
 def _decode(text: str) -> tuple[bytes, str]:
