@@ -37,6 +37,9 @@ from tunneld.wireguard.model import DeviceStats
 log = logging.getLogger("tunneld")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+#: An error with more problems than this (a file of 80,000 empty tables has 240,000) prints
+#: this many and a count.
+MAX_PRINTED_PROBLEMS = 1000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -152,8 +155,15 @@ def main(argv: list[str] | None = None) -> int:
         error = principal_error(exc)
         if error is None:
             raise  # a bug: let the traceback show
-        for line in str(error).splitlines():  # a ConfigError lists every problem, one per line
+        lines = str(error).splitlines()  # a ConfigError lists every problem, one per line
+        for line in lines[:MAX_PRINTED_PROBLEMS]:
             log.error("%s", line)
+        if len(lines) > MAX_PRINTED_PROBLEMS:  # the rest would only flood the journal
+            log.error(
+                "… and %d more problems (%d in all); fix these first, then check again",
+                len(lines) - MAX_PRINTED_PROBLEMS,
+                len(lines),
+            )
         return error.exit_code
 
 

@@ -259,3 +259,16 @@ def test_a_header_secret_that_no_request_could_carry_is_refused_by_both(
     assert problem in str(info.value)
     assert main(["check-config", "-c", str(path)]) == 2
     assert str(info.value) in capsys.readouterr().err
+
+
+def test_a_config_with_a_flood_of_problems_prints_the_first_ones_and_a_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """80,000 empty [[service]] tables fit in the 1 MiB file: 240,000 problems, 25 MB of log."""
+    path = write_config(tmp_path, "[[service]]\n" * 5000)
+    assert main(["check-config", "-c", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1001
+    assert lines[-1].endswith(
+        "… and 14000 more problems (15000 in all); fix these first, then check again"
+    )
