@@ -25,8 +25,8 @@ import trio
 from tunneld import __version__, daemon, keys, logs
 from tunneld.config import Config, HostPort, load_config, render_config
 from tunneld.config_proxy import ServiceConfig
-from tunneld.config_reader import quote
-from tunneld.errors import principal_error
+from tunneld.config_reader import quote, shown
+from tunneld.errors import KeyFileError, principal_error
 from tunneld.preflight import interface_lock, require_net_admin, running_daemon_pid
 from tunneld.proxy.paths import PathError, normalize_target
 from tunneld.proxy.routes import Router
@@ -38,6 +38,9 @@ from tunneld.wireguard.model import DeviceStats
 log = logging.getLogger("tunneld")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+#: An error with more problems than this (a file of 80,000 empty tables has 240,000) prints
+#: this many and a count.
+MAX_PRINTED_PROBLEMS = 1000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -153,8 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         error = principal_error(exc)
         if error is None:
             raise  # a bug: let the traceback show
-        for line in str(error).splitlines():  # a ConfigError lists every problem, one per line
+        lines = str(error).splitlines()  # a ConfigError lists every problem, one per line
+        for line in lines[:MAX_PRINTED_PROBLEMS]:
             log.error("%s", line)
+        if len(lines) > MAX_PRINTED_PROBLEMS:  # the rest would only flood the journal
+            log.error(
+                "… and %d more problems (%d in all); fix these first, then check again",
+                len(lines) - MAX_PRINTED_PROBLEMS,
+                len(lines),
+            )
         return error.exit_code
 
 
@@ -279,8 +289,46 @@ def fetch(listen: HostPort, path: str, timeout: float = 3.0) -> tuple[int, bytes
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
+    for note in check_secret_files(config, creating=True):
+        log.info("%s", note)
     print(render_config(config), end="")
     return EXIT_OK
+
+
+def check_secret_files(config: Config, *, creating: bool) -> list[str]:
+    """Check every key and secret file of ``config`` as ``run`` (``creating``) or a reload
+    would read it, and create nothing; return notes (a key ``run`` will create).
+
+    Raises one ``KeyFileError`` listing every file that would be refused, each with the message
+    its refusal would have. The files are read with the same functions as there (a FIFO is not
+    waited on, a file is checked before it is read), so no content is ever printed.
+    """
+    notes: list[str] = []
+    problems: list[str] = []
+    source = config.interface.private_key
+    try:
+        if creating and source.credential is None:
+            if keys.check_private_key_file(source.path):
+                notes.append(f"{source.path} does not exist; tunneld run will create it (mode 600)")
+        else:
+            keys.load_key_file(source.path)
+    except KeyFileError as exc:
+        problems.append(str(exc))
+    for gateway in config.gateways:
+        if gateway.preshared_key is not None:
+            try:
+                keys.load_key_file(gateway.preshared_key.path, what="preshared key")
+            except KeyFileError as exc:
+                problems.append(str(exc))
+    for service in config.services:
+        if service.require_header is not None:
+            try:  # as load_service_secrets reads it
+                keys.load_header_secret(service.require_header.value_file)
+            except KeyFileError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise KeyFileError("\n".join(problems))
+    return notes
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
@@ -290,6 +338,7 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     if pid is None:
         print(f"tunneld reload: no running tunneld manages {ifname}", file=sys.stderr)
         return EXIT_FAILURE
+    check_secret_files(config, creating=False)  # as are key files the daemon would refuse
     os.kill(pid, signal.SIGHUP)
     print(f"asked tunneld (pid {pid}, interface {ifname}) to reload; its log says what changed")
     return EXIT_OK
@@ -317,7 +366,7 @@ def _cmd_route_test(args: argparse.Namespace) -> int:
 
 def split_test_url(url: str) -> tuple[str, str]:
     """``http://billing:80/v1/x?a=1`` → (``billing:80``, ``/v1/x?a=1``): Host and target."""
-    bad = f"{quote(url)} is not an http:// or https:// URL with a host, e.g. http://billing/v1/x"
+    bad = f"{shown(url)} is not an http:// or https:// URL with a host, e.g. http://billing/v1/x"
     if any(char.isspace() or not char.isprintable() for char in url):
         raise ValueError(bad)
     try:

@@ -10,7 +10,8 @@ How this works (the generic parts, which know no section of tunneld, are in ``co
    in ``config_proxy``) reads its table through ``Table``. A read converts the value to the
    key's type (environment strings are parsed there), records a problem instead of raising, and
    returns a fallback so that validation goes on. ``Table.done`` reports every key nobody read
-   as unknown. Rules spanning sections (duplicates, overlaps) run last.
+   as unknown. Rules spanning sections (duplicates, overlaps, an upstream that is one of
+   tunneld's own listeners: ``config_loops``) run last, each in time linear in the entries.
 4. If any problem was recorded, one ``ConfigError`` carries all of them, one per line:
    ``<file or "environment">: <key path or variable>: <what is wrong / what was expected>``.
 
@@ -49,6 +50,7 @@ from tunneld.config_health import (
     render_health,
     render_probe_address,
 )
+from tunneld.config_loops import check_upstream_loops
 from tunneld.config_metrics import (
     MetricsConfig,
     check_ready_services,
@@ -72,6 +74,9 @@ from tunneld.config_reader import (
     file_path,
     quote,
     read_toml_file,
+    shown,
+    shown_name,
+    shown_path,
     toml_value,
 )
 from tunneld.errors import ConfigError
@@ -174,9 +179,9 @@ def _interface(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Inte
     name = table.text("name", "tunneld0")
     size = len(name.encode())
     if not 1 <= size <= 15:
-        table.problem("name", f"{quote(name)} is {size} bytes long; Linux allows 1–15")
+        table.problem("name", f"{shown(name)} is {size} bytes long; Linux allows 1–15")
     elif not _IFNAME_RE.fullmatch(name) or name in (".", ".."):
-        table.problem("name", f"{quote(name)} is not an interface name (A-Z a-z 0-9 _ . = + -)")
+        table.problem("name", f"{shown(name)} is not an interface name (A-Z a-z 0-9 _ . = + -)")
     private_key = _key_source(table, key_dirs, "private_key") or KeySource(DEFAULT_PRIVATE_KEY_FILE)
     addresses = _addresses(table)
     listen_port = table.optional_integer("listen_port", 1, 65535)
@@ -184,7 +189,7 @@ def _interface(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Inte
     mtu = table.integer("mtu", 1420, MTU_MIN, MTU_MAX)
     backend = table.text("backend", "auto")
     if backend not in get_args(BackendChoice):
-        table.problem("backend", f'{quote(backend)} is not one of "auto", "kernel", "userspace"')
+        table.problem("backend", f'{shown(backend)} is not one of "auto", "kernel", "userspace"')
     userspace_binary = table.text("userspace_binary", "wireguard-go")
     if not userspace_binary:
         table.problem("userspace_binary", "must not be empty; expected a command or path")
@@ -219,7 +224,7 @@ def _key_source(table: Table, key_dirs: _KeyDirs, prefix: str) -> KeySource | No
     if not credential or "/" in credential or "\0" in credential or credential in (".", ".."):
         table.problem(
             f"{prefix}_credential",
-            f"{quote(credential)} is not a credential name (a file name: no '/', not . or ..)",
+            f"{shown(credential)} is not a credential name (a file name: no '/', not . or ..)",
         )
         return None
     if key_dirs.credentials is None:
@@ -240,13 +245,13 @@ def _addresses(table: Table) -> tuple[IPInterface, ...]:
         try:
             address = ipaddress.ip_interface(text)
         except ValueError:
-            table.ctx.add(path, f"{quote(text)} is not an IP address/prefix, e.g. 10.44.0.2/24")
+            table.ctx.add(path, f"{shown(text)} is not an IP address/prefix, e.g. 10.44.0.2/24")
             continue
         if "/" not in text:
             example = f"{text}/{24 if address.version == 4 else 64}"
-            table.ctx.add(path, f"{quote(text)} has no prefix length; write it as {example}")
+            table.ctx.add(path, f"{shown(text)} has no prefix length; write it as {example}")
         elif address.ip in seen:
-            table.ctx.add(path, f"{quote(text)} repeats {dotted(seen[address.ip])}")
+            table.ctx.add(path, f"{shown(text)} repeats {dotted(seen[address.ip])}")
         else:
             seen[address.ip] = path
             addresses.append(address)
@@ -264,7 +269,7 @@ def _gateway(
     table = Table(ctx, ("gateway", index), raw)
     name = table.text("name", f"gateway-{index}")
     if not _GATEWAY_NAME_RE.fullmatch(name):
-        table.problem("name", f"{quote(name)} is not a gateway name ([A-Za-z0-9_.-], 1–63 chars)")
+        table.problem("name", f"{shown(name)} is not a gateway name ([A-Za-z0-9_.-], 1–63 chars)")
     public_key = b""
     encoded = table.required_text("public_key", "the gateway's base64 public key")
     if encoded is not None:  # None: missing or not a string, which is reported already
@@ -277,7 +282,7 @@ def _gateway(
         try:
             endpoints.append(HostPort.parse(text))
         except ValueError as exc:
-            ctx.add(path, f"{quote(text)} is not host:port ({exc})")
+            ctx.add(path, f"{shown(text)} is not host:port ({exc})")
     allowed_ips = _allowed_ips(table)
     keepalive = table.integer("persistent_keepalive", 25, 0, 65535)
     preshared_key = _key_source(table, key_dirs, "preshared_key")
@@ -295,12 +300,12 @@ def _allowed_ips(table: Table) -> tuple[IPNetwork, ...]:
         try:
             network = ipaddress.ip_network(text, strict=False)  # host bits masked, as `wg` does
         except ValueError:
-            table.ctx.add(path, f"{quote(text)} is not an IP network, e.g. 10.44.0.1/32")
+            table.ctx.add(path, f"{shown(text)} is not an IP network, e.g. 10.44.0.1/32")
             continue
         if network.prefixlen == 0:
             table.ctx.add(
                 path,
-                f"{quote(text)} is a default route: tunneld never routes all traffic through "
+                f"{shown(text)} is a default route: tunneld never routes all traffic through "
                 "the tunnel; list the gateway's tunnel address, e.g. 10.44.0.1/32",
             )
             continue
@@ -312,10 +317,11 @@ def _check_gateways(ctx: Context, gateways: tuple[GatewayConfig, ...]) -> None:
     """Rules across gateways: unique names and keys, no address routed to two peers."""
     first_with_name: dict[str, int] = {}
     first_with_key: dict[bytes, int] = {}
+    overlaps = _overlapping_allowed_ips(gateways)
     for index, gateway in enumerate(gateways):
         if gateway.name in first_with_name:
             first = first_with_name[gateway.name]
-            message = f"{quote(gateway.name)} is taken by gateway[{first}]"
+            message = f"{shown(gateway.name)} is taken by gateway[{first}]"
             ctx.add(("gateway", index, "name"), message)
         first_with_name.setdefault(gateway.name, index)
         if gateway.public_key in first_with_key:
@@ -324,18 +330,59 @@ def _check_gateways(ctx: Context, gateways: tuple[GatewayConfig, ...]) -> None:
             ctx.add(("gateway", index, "public_key"), message)
         if gateway.public_key:  # b"" = invalid, already reported
             first_with_key.setdefault(gateway.public_key, index)
-        for earlier_index, earlier in enumerate(gateways[:index]):
-            for network in gateway.allowed_ips:
-                for taken in earlier.allowed_ips:
-                    if network.version == taken.version and network.overlaps(taken):
-                        ctx.add(
-                            ("gateway", index, "allowed_ips"),
-                            f"{network} overlaps {taken} of gateway[{earlier_index}]; "
-                            "WireGuard routes an address to one peer only",
-                        )
+        for earlier_index, network, taken in overlaps.get(index, []):
+            ctx.add(
+                ("gateway", index, "allowed_ips"),
+                f"{network} overlaps {taken} of gateway[{earlier_index}]; "
+                "WireGuard routes an address to one peer only",
+            )
 
 
-def _config(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Config:
+#: One allowed_ips entry: (gateway index, position in its allowed_ips, network).
+_Placed = tuple[int, int, IPNetwork]
+
+
+def _overlapping_allowed_ips(
+    gateways: tuple[GatewayConfig, ...],
+) -> dict[int, list[tuple[int, IPNetwork, IPNetwork]]]:
+    """For each gateway, ``(earlier gateway, network, its network)`` for every network of it
+    that overlaps one of an earlier gateway, in the order of a loop over earlier gateways,
+    then its networks, then theirs.
+
+    Two networks overlap only if one contains the other. So after sorting by first address
+    (wider first), the networks that contain one are exactly those still open on a stack when
+    it comes: linear work plus one step per overlapping pair, where comparing every pair took
+    seconds for thousands of gateways.
+    """
+    found: list[tuple[int, int, int, int, IPNetwork, IPNetwork]] = []
+    for version in (4, 6):
+        placed: list[_Placed] = [
+            (index, position, network)
+            for index, gateway in enumerate(gateways)
+            for position, network in enumerate(gateway.allowed_ips)
+            if network.version == version
+        ]
+        placed.sort(key=lambda entry: (int(entry[2].network_address), entry[2].prefixlen))
+        open_: list[_Placed] = []  # nested: each contains the next
+        for entry in placed:
+            start = int(entry[2].network_address)
+            while open_ and int(open_[-1][2].broadcast_address) < start:
+                open_.pop()
+            for other in open_:
+                (index, position, network), (other_index, other_position, taken) = entry, other
+                if index > other_index:
+                    found.append((index, other_index, position, other_position, network, taken))
+                elif other_index > index:
+                    found.append((other_index, index, other_position, position, taken, network))
+            open_.append(entry)
+    found.sort(key=lambda pair: pair[:4])
+    overlaps: dict[int, list[tuple[int, IPNetwork, IPNetwork]]] = {}
+    for index, earlier_index, _, _, network, taken in found:
+        overlaps.setdefault(index, []).append((earlier_index, network, taken))
+    return overlaps
+
+
+def _config(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object], source: str) -> Config:
     root = Table(ctx, (), raw)
     interface = _interface(ctx, key_dirs, root.table("interface"))
     health = read_health(ctx, root.table("health"))
@@ -355,8 +402,9 @@ def _config(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Config:
     check_services(ctx, proxy, services)
     metrics = read_metrics(ctx, root.table("metrics"))
     check_ready_services(ctx, metrics, [service.name for service in services])
+    check_upstream_loops(ctx, interface.addresses, proxy, services, metrics)
     root.done()
-    return Config(ctx.label, interface, gateways, health, proxy, services, metrics)
+    return Config(source, interface, gateways, health, proxy, services, metrics)
 
 
 # --- environment and load_config ------------------------------------------------------------
@@ -370,7 +418,8 @@ def _env_target(variable: str) -> tuple[str, int | None, str] | None:
         if match:
             return section, None, match[1].lower()
     for section in _ENV_ARRAYS:
-        match = re.fullmatch(rf"{section.upper()}_(0|[1-9][0-9]*)_([A-Z][A-Z0-9_]*)", rest)
+        # At most 9 digits: int() refuses thousands, and any such index leaves a gap anyway.
+        match = re.fullmatch(rf"{section.upper()}_(0|[1-9][0-9]{{0,8}})_([A-Z][A-Z0-9_]*)", rest)
         if match:
             return section, int(match[1]), match[2].lower()
     return None
@@ -387,7 +436,9 @@ def _overlay_env(ctx: Context, raw: dict[str, object], environ: Mapping[str, str
             forms = [f"TUNNELD_{name.upper()}_<KEY>" for name in _ENV_TABLES]
             forms += [f"TUNNELD_{name.upper()}_<N>_<KEY>" for name in _ENV_ARRAYS]
             expected = ", ".join(forms + sorted(RESERVED_ENV))
-            ctx.problems.append(f"environment: {variable}: unknown variable; expected {expected}")
+            ctx.problems.append(
+                f"environment: {shown_name(variable)}: unknown variable; expected {expected}"
+            )
             continue
         section, index, key = target
         if index is not None:
@@ -404,8 +455,9 @@ def _overlay_env(ctx: Context, raw: dict[str, object], environ: Mapping[str, str
             tables.append({})
         if index > len(tables):
             ctx.problems.append(
-                f"environment: {variable}: index {index} leaves a gap: there is no {section} "
-                f"{len(tables)} in the file or environment (indices are 0-based, contiguous)"
+                f"environment: {shown_name(variable)}: index {index} leaves a gap: there is no "
+                f"{section} {len(tables)} in the file or environment (indices are 0-based, "
+                "contiguous)"
             )
         elif isinstance(tables[index], dict):
             _set_env_value(ctx, (section, index), tables[index], key, variable, environ[variable])
@@ -432,24 +484,24 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     """
     env = os.environ if environ is None else environ
     if path is not None:
-        raw = read_toml_file(path, str(path))
+        raw = read_toml_file(path, shown_path(str(path)))
     elif "TUNNELD_CONFIG" in env:
         if not env["TUNNELD_CONFIG"]:
             raise ConfigError("environment: TUNNELD_CONFIG: empty; expected a file path")
         path = Path(env["TUNNELD_CONFIG"])
-        raw = read_toml_file(path, f"environment: TUNNELD_CONFIG: {path}")
+        raw = read_toml_file(path, f"environment: TUNNELD_CONFIG: {shown_path(str(path))}")
     else:
         path = DEFAULT_CONFIG_PATH
         raw = read_toml_file(path, str(path), required=False)
     if raw is None:  # no default file: the environment alone
-        raw, label, key_dir = {}, "environment", _absolute(Path())
+        raw, source, key_dir = {}, "environment", _absolute(Path())
     else:
-        label, key_dir = str(path), _absolute(path.parent)
+        source, key_dir = str(path), _absolute(path.parent)
     credentials_dir = env.get("CREDENTIALS_DIRECTORY")
     key_dirs = _KeyDirs(key_dir, Path(credentials_dir) if credentials_dir else None)
-    ctx = Context(label, unknown_key_hints=_UNKNOWN_KEY_HINTS)
+    ctx = Context(shown_path(source), unknown_key_hints=_UNKNOWN_KEY_HINTS)
     _overlay_env(ctx, raw, env)
-    config = _config(ctx, key_dirs, raw)
+    config = _config(ctx, key_dirs, raw, source)
     if ctx.problems:
         raise ConfigError(ctx.problems)
     return config

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from tunneld.config_reader import Context, Table, quote, toml_lines, toml_value
+from tunneld.config_reader import Context, Table, quote, shown, toml_lines, toml_value
 from tunneld.wireguard.model import IPAddress, IPNetwork
 
 ProbeKind = Literal["icmp", "tcp", "none"]
@@ -102,14 +102,14 @@ def _probe(table: Table) -> tuple[ProbeKind, int | None]:
     if text in ("icmp", "none"):
         return cast(ProbeKind, text), None
     if text == "tcp":
-        table.problem("probe", f'{quote(text)} needs a port: "tcp:PORT", e.g. "tcp:22"')
+        table.problem("probe", f'{shown(text)} needs a port: "tcp:PORT", e.g. "tcp:22"')
     elif match := _TCP_PROBE_RE.fullmatch(text):
         port = int(match[1])
         if 1 <= port <= 65535:
             return "tcp", port
-        table.problem("probe", f"{quote(text)} has port {port}; expected tcp:1–65535")
+        table.problem("probe", f"{shown(text)} has port {port}; expected tcp:1–65535")
     else:
-        table.problem("probe", f"{quote(text)} is not one of {_PROBE_FORMS}")
+        table.problem("probe", f"{shown(text)} is not one of {_PROBE_FORMS}")
     return _DEFAULTS.probe, None
 
 
@@ -157,7 +157,7 @@ def read_probe_address(
         address = None
     if address is None or "%" in text:  # no scope: the probe is bound to the tunnel device
         table.problem(
-            "probe_address", f'{quote(text)} is not an IP address, e.g. "10.44.0.1", or "none"'
+            "probe_address", f'{shown(text)} is not an IP address, e.g. "10.44.0.1", or "none"'
         )
         return None
     for index, own in enumerate(own_addresses):

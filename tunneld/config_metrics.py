@@ -9,13 +9,15 @@ ready (an origin that is down makes the connector useless even with the tunnel u
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tunneld.config_reader import Context, Table, quote, toml_lines
+from tunneld.config_reader import Context, Table, shown, shown_name, toml_lines
 from tunneld.host_port import HostPort
 
 DEFAULT_LISTEN = HostPort("127.0.0.1", 9477)
+_LISTED_NAMES = 10  # a message lists this many service names at most
 OFF = "off"
 
 
@@ -38,11 +40,11 @@ def read_metrics(ctx: Context, raw: dict[str, object]) -> MetricsConfig:
         except ValueError as exc:
             table.problem(
                 "listen",
-                f'{quote(text)} is not host:port ({exc}), e.g. "127.0.0.1:9477", or "off"',
+                f'{shown(text)} is not host:port ({exc}), e.g. "127.0.0.1:9477", or "off"',
             )
         else:
             if not _is_ip_literal(listen.host):
-                table.problem("listen", f"{quote(text)}: listen on an IP address, not a name")
+                table.problem("listen", f"{shown(text)}: listen on an IP address, not a name")
     ready: tuple[str, ...] = ()
     if "ready_services" in table.raw:
         ready = tuple(text for _path, text in table.strings("ready_services", "service names"))
@@ -56,12 +58,15 @@ def check_ready_services(
     ctx: Context, metrics: MetricsConfig, service_names: Sequence[str]
 ) -> None:
     """Every ``ready_services`` entry must name a ``[[service]]``."""
+    names = set(service_names)
     for index, name in enumerate(metrics.ready_services):
-        if name not in service_names:
-            known = ", ".join(service_names) or "none"
+        if name not in names:
+            known = ", ".join(map(shown_name, service_names[:_LISTED_NAMES])) or "none"
+            if len(service_names) > _LISTED_NAMES:
+                known += f", … ({len(service_names)} services)"
             ctx.add(
                 ("metrics", "ready_services", index),
-                f"{quote(name)} is not a [[service]] name (services: {known})",
+                f"{shown(name)} is not a [[service]] name (services: {known})",
             )
 
 
@@ -78,4 +83,9 @@ def render_metrics(metrics: MetricsConfig) -> list[str]:
 
 
 def _is_ip_literal(host: str) -> bool:
-    return host[:1].isdigit() or ":" in host
+    # Not "starts with a digit": 1abc and 0x7f.1 are names that getaddrinfo would look up.
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

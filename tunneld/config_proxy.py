@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast, get_args
 
-from tunneld.config_reader import Context, KeyPath, Table, dotted, quote, toml_lines
+from tunneld.config_reader import Context, KeyPath, Table, dotted, shown, toml_lines
 from tunneld.host_port import HostPort
 from tunneld.proxy.paths import prefix_problem
 from tunneld.proxy.routes import exact_host, host_name, host_pattern, unreachable_rules
@@ -181,7 +181,7 @@ def _allowed_sources(table: Table, gateway_networks: Sequence[IPNetwork]) -> tup
         try:
             network = ipaddress.ip_network(text, strict=False)  # host bits masked, as allowed_ips
         except ValueError:
-            table.ctx.add(path, f"{quote(text)} is not an IP network, e.g. 10.44.0.1/32")
+            table.ctx.add(path, f"{shown(text)} is not an IP network, e.g. 10.44.0.1/32")
             continue
         if not any(_subnet_of(network, gateway) for gateway in gateway_networks):
             table.ctx.add(
@@ -214,13 +214,13 @@ def read_service(
     if name is None:
         name = ""
     elif not _SERVICE_NAME_RE.fullmatch(name):
-        table.problem("name", f"{quote(name)} is not a service name ([A-Za-z0-9_.-], 1–63 chars)")
+        table.problem("name", f"{shown(name)} is not a service name ([A-Za-z0-9_.-], 1–63 chars)")
     protocol_text = table.text("protocol", "http")
     protocol: Protocol | None = None  # None: invalid, so every key is read and none is refused
     if protocol_text in get_args(Protocol):
         protocol = cast(Protocol, protocol_text)
     else:
-        table.problem("protocol", f'{quote(protocol_text)} is not one of "http", "tcp"')
+        table.problem("protocol", f'{shown(protocol_text)} is not one of "http", "tcp"')
     if protocol == "tcp":
         table.refuse(_HTTP_ONLY, 'not allowed with protocol = "tcp"; it is an http setting')
     elif protocol == "http":
@@ -277,10 +277,10 @@ def _hosts(table: Table, *, required: bool) -> tuple[str, ...]:
         try:
             pattern = host_pattern(text)
         except ValueError as exc:
-            table.ctx.add(path, f"{quote(text)} is not a host pattern ({exc})")
+            table.ctx.add(path, f"{shown(text)} is not a host pattern ({exc})")
             continue
         if pattern in seen:
-            table.ctx.add(path, f"{quote(text)} repeats {dotted(seen[pattern])}")
+            table.ctx.add(path, f"{shown(text)} repeats {dotted(seen[pattern])}")
             continue
         seen[pattern] = path
         patterns.append(pattern)
@@ -290,17 +290,17 @@ def _hosts(table: Table, *, required: bool) -> tuple[str, ...]:
 def _path_prefix(table: Table) -> str:
     prefix = table.text("path_prefix", _SERVICE_DEFAULTS.path_prefix)
     if not prefix.startswith("/"):
-        table.problem("path_prefix", f'{quote(prefix)} does not start with "/"; e.g. "/v1"')
+        table.problem("path_prefix", f'{shown(prefix)} does not start with "/"; e.g. "/v1"')
     elif not _URL_PATH_RE.fullmatch(prefix):
         table.problem(
             "path_prefix",
-            f"{quote(prefix)} is not a URL path: percent-encode spaces and non-ASCII "
+            f"{shown(prefix)} is not a URL path: percent-encode spaces and non-ASCII "
             'characters; no "?" or "#"',
         )
     elif any(segment in (".", "..") for segment in prefix.split("/")):
-        table.problem("path_prefix", f'{quote(prefix)} has a "." or ".." segment')
+        table.problem("path_prefix", f'{shown(prefix)} has a "." or ".." segment')
     elif (problem := prefix_problem(prefix)) is not None:
-        table.problem("path_prefix", f"{quote(prefix)}: {problem}")
+        table.problem("path_prefix", f"{shown(prefix)}: {problem}")
     else:
         return prefix
     return _SERVICE_DEFAULTS.path_prefix
@@ -322,7 +322,7 @@ def parse_upstream(text: str, protocol: Protocol | None = None) -> Upstream:
     """``text`` as the upstream of a ``protocol`` service (None: of any); ``ValueError`` else."""
 
     def invalid(reason: str) -> ValueError:
-        return ValueError(f"{quote(text)} is not a valid upstream ({reason})")
+        return ValueError(f"{shown(text)} is not a valid upstream ({reason})")
 
     if text.startswith("unix:"):
         path = text.removeprefix("unix:")
@@ -344,7 +344,7 @@ def parse_upstream(text: str, protocol: Protocol | None = None) -> Upstream:
         raise invalid(_ALL_UPSTREAM_FORMS)
     if protocol is not None and scheme not in _UPSTREAM_SCHEMES[protocol]:
         raise ValueError(
-            f"{quote(text)} is not an upstream for {_A_SERVICE[protocol]} "
+            f"{shown(text)} is not an upstream for {_A_SERVICE[protocol]} "
             f"({_UPSTREAM_FORMS[protocol]})"
         )
     end = min((i for i in map(rest.find, "/?#") if i != -1), default=len(rest))
@@ -373,10 +373,10 @@ def _host_rewrite(table: Table) -> str | None:
     try:
         exact_host(host)
     except ValueError as exc:
-        table.problem("host_rewrite", f"{quote(text)} is not host or host:port ({exc})")
+        table.problem("host_rewrite", f"{shown(text)} is not host or host:port ({exc})")
         return None
     if port is not None and not (_PORT_RE.fullmatch(port) and 1 <= int(port) <= 65535):
-        table.problem("host_rewrite", f"{quote(text)} is not host or host:port (port 1–65535)")
+        table.problem("host_rewrite", f"{shown(text)} is not host or host:port (port 1–65535)")
         return None
     return text
 
@@ -409,17 +409,17 @@ def _header_name(table: Table) -> str | None:
     if name is None:
         return None
     if not _HEADER_NAME_RE.fullmatch(name):
-        message = f"{quote(name)} is not a header name (letters, digits, !#$%&'*+-.^_`|~)"
+        message = f"{shown(name)} is not a header name (letters, digits, !#$%&'*+-.^_`|~)"
         table.problem("name", message)
         return None
     if "_" in name:
         # Headers with "_" are dropped before the origin (see tunneld.proxy.headers).
-        table.problem("name", f"{quote(name)}: names with '_' are not forwarded; use '-'")
+        table.problem("name", f"{shown(name)}: names with '_' are not forwarded; use '-'")
         return None
     if name.lower() in _PROXY_HEADERS or name.lower().startswith("proxy-"):
         table.problem(
             "name",
-            f"{quote(name)} is a header the proxy itself reads or sets; "
+            f"{shown(name)} is a header the proxy itself reads or sets; "
             'use one of your own, e.g. "X-Backend-Secret"',
         )
         return None
@@ -429,7 +429,7 @@ def _header_name(table: Table) -> str | None:
 def _tls(table: Table, relative_to: Path | None, upstream: Upstream | None) -> TLSOptions:
     if "tls" in table.raw and upstream is not None and upstream.scheme != "https":
         table.known.append("tls")
-        table.problem("tls", f"only for https:// upstreams; upstream is {quote(str(upstream))}")
+        table.problem("tls", f"only for https:// upstreams; upstream is {shown(str(upstream))}")
         return TLSOptions()
     sub = table.sub_table("tls")
     if sub is None:
@@ -445,7 +445,7 @@ def _tls(table: Table, relative_to: Path | None, upstream: Upstream | None) -> T
             try:
                 server_name = host_name(server_name, ip_literal=True)
             except ValueError as exc:
-                sub.problem("server_name", f"{quote(server_name)} is not a server name ({exc})")
+                sub.problem("server_name", f"{shown(server_name)} is not a server name ({exc})")
                 server_name = None
     verify = sub.boolean("verify", True)
     if "client_key_file" in sub.raw and "client_cert_file" not in sub.raw:
@@ -468,7 +468,7 @@ def check_services(ctx: Context, proxy: ProxyConfig, services: Sequence[ServiceC
     any_http = any(service.protocol == "http" for service in services)
     for index, service in enumerate(services):
         if service.name in first_with_name:
-            message = f"{quote(service.name)} is taken by service[{first_with_name[service.name]}]"
+            message = f"{shown(service.name)} is taken by service[{first_with_name[service.name]}]"
             ctx.add(("service", index, "name"), message)
         elif service.name:  # "": missing, reported already
             first_with_name[service.name] = index
@@ -493,7 +493,7 @@ def check_services(ctx: Context, proxy: ProxyConfig, services: Sequence[ServiceC
 
 def _check_reachable(ctx: Context, services: Sequence[ServiceConfig]) -> None:
     for index, earlier in unreachable_rules(services).items():
-        names = " and ".join(f"service[{i}] ({quote(services[i].name)})" for i in earlier)
+        names = " and ".join(f"service[{i}] ({shown(services[i].name)})" for i in earlier)
         if len(earlier) == 1:
             message = f"{names} comes first and matches every request this rule matches"
         else:

@@ -13,7 +13,9 @@ integers, true/false/1/0, seconds as decimals. A problem is reported against the
 one set the value, else against the key path in the file.
 
 ``toml_value`` and ``toml_lines`` write values back as TOML that these reads accept, for
-``render_config``.
+``render_config``; ``quote`` writes a whole string. A message quotes a value with ``shown``
+instead: escaped and bounded to ``MAX_SHOWN_CHARS``, so that a 900 KB value, a newline or an
+escape sequence cannot flood the log, forge a second problem line or reach the terminal.
 
 Only the file itself is fatal at once (``read_toml_file`` raises ``ConfigError``): without it
 there is nothing to validate. It must be a regular file of at most ``MAX_FILE_BYTES``, so that a
@@ -41,12 +43,30 @@ KeyPath = tuple[str | int, ...]
 
 #: A config file is a few kilobytes; anything this large is the wrong file.
 MAX_FILE_BYTES = 1 << 20
+#: Linux's PATH_MAX, which counts the terminating NUL: a longer path fails with ENAMETOOLONG.
+PATH_MAX_BYTES = 4096
 #: The longest duration ``Table.seconds`` accepts: bounds typos such as milliseconds as seconds.
 MAX_SECONDS = 365 * 86400
 
 _ENV_INT_RE = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")
 _ENV_SECONDS_RE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 _ENV_BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
+
+#: How much of a value a message quotes (``shown``); the rest is only counted. Every value that
+#: could be valid (a DNS name has 253 characters at most) is shown whole.
+MAX_SHOWN_CHARS = 256
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+_BARE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+#: More digits than any integer setting needs; ``int()`` refuses more than 4300.
+_MAX_ENV_INT_CHARS = 32
 
 _FILE_TYPES = {
     stat.S_IFDIR: "a directory",
@@ -122,9 +142,51 @@ def _read_regular_file(path: Path, label: str) -> bytes:
 
 
 def quote(text: str) -> str:
-    """``text`` as a TOML basic string, for values in messages and in rendered TOML."""
+    """``text`` as a TOML basic string, whole: for rendered TOML. Messages use ``shown``."""
     # JSON's escapes are all valid in TOML; TOML also wants DEL escaped, JSON leaves it raw.
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def shown(text: str) -> str:
+    """``text`` as a message quotes a value: a TOML basic string of at most its first
+    ``MAX_SHOWN_CHARS`` characters, then ``… (N bytes)`` if it was longer.
+
+    Every character that is not printable (controls, line and paragraph separators, bidi
+    overrides, lone surrogates from undecodable environment bytes) is escaped, so a message is
+    one line that a terminal shows as written and that no value can forge a second problem in.
+    """
+    escaped = "".join(_ESCAPES.get(char) or _escape(char) for char in text[:MAX_SHOWN_CHARS])
+    if len(text) <= MAX_SHOWN_CHARS:
+        return f'"{escaped}"'
+    size = len(text.encode("utf-8", "surrogatepass"))
+    return f'"{escaped}"… ({size} bytes)'
+
+
+def shown_name(name: str) -> str:
+    """A key or variable name for a message: as is if it is a short bare name, else ``shown``."""
+    if len(name) <= MAX_SHOWN_CHARS and _BARE_NAME_RE.fullmatch(name):
+        return name
+    return shown(name)
+
+
+def shown_path(text: str) -> str:
+    """A file path for a message: as is if it is short and printable, else ``shown``."""
+    return text if len(text) <= MAX_SHOWN_CHARS and text.isprintable() else shown(text)
+
+
+def shown_number(value: int | float | str) -> str:
+    """A number (or the digits of one) for a message, bounded like ``shown`` bounds text."""
+    text = str(value)
+    if len(text) <= MAX_SHOWN_CHARS:
+        return text
+    return f"{text[:MAX_SHOWN_CHARS]}… ({len(text)} digits)"
+
+
+def _escape(char: str) -> str:
+    if char.isprintable():
+        return char
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def describe(value: object) -> str:
@@ -132,9 +194,9 @@ def describe(value: object) -> str:
     if isinstance(value, bool):
         return f"boolean {str(value).lower()}"
     if isinstance(value, str):
-        return f"string {quote(value)}"
+        return f"string {shown(value)}"
     if isinstance(value, int):
-        return f"integer {value}"
+        return f"integer {shown_number(value)}"
     if isinstance(value, float):
         return f"float {value}"
     if isinstance(value, list):
@@ -143,10 +205,13 @@ def describe(value: object) -> str:
 
 
 def dotted(path: KeyPath) -> str:
-    """``("gateway", 0, "endpoints")`` → ``gateway[0].endpoints``."""
+    """``("gateway", 0, "endpoints")`` → ``gateway[0].endpoints``; odd keys as ``shown``."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else part
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{shown_name(part)}" if text else shown_name(part)
     return text
 
 
@@ -193,12 +258,21 @@ def file_path(text: str, relative_to: Path | None) -> Path:
     if not text:
         raise ValueError("must not be empty; expected a file path")
     if "\0" in text:  # no file has one; os.open() would raise ValueError, not OSError
-        raise ValueError(f"{quote(text)} contains a NUL character")
+        raise ValueError(f"{shown(text)} contains a NUL character")
+    if any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in text):
+        raise ValueError(
+            f"{shown(text)} contains a control character; every message about the file would "
+            "carry it: rename the file"
+        )
+    if len(text.encode("utf-8", "surrogatepass")) >= PATH_MAX_BYTES:
+        raise ValueError(
+            f"{shown(text)} is longer than {PATH_MAX_BYTES - 1} bytes, the longest path Linux opens"
+        )
     if Path(text).is_absolute():
         return Path(text)
     if relative_to is None:
         raise ValueError(
-            f"{quote(text)} is relative, but the working directory it would be relative to "
+            f"{shown(text)} is relative, but the working directory it would be relative to "
             "no longer exists; use an absolute path"
         )
     return relative_to / text
@@ -228,7 +302,7 @@ class Context:
         """Record a problem with the value at ``path``, named as the user wrote it."""
         variable = self.env_variable(path)
         if variable is not None:
-            self.problems.append(f"environment: {variable}: {message}")
+            self.problems.append(f"environment: {shown_name(variable)}: {message}")
         else:
             self.problems.append(f"{self.label}: {dotted(path) or 'top level'}: {message}")
 
@@ -284,16 +358,21 @@ class Table:
         env_text = self._env_text(key, value)
         if env_text is not None:
             if not _ENV_INT_RE.fullmatch(env_text.strip()):
-                self.problem(key, f"{quote(env_text)} is not an integer (decimal or 0x-hex)")
+                self.problem(key, f"{shown(env_text)} is not an integer (decimal or 0x-hex)")
                 return None
-            value = int(env_text.strip(), 16 if "x" in env_text.lower() else 10)
+            hexadecimal = "x" in env_text.lower()
+            digits = env_text.strip().lower().removeprefix("0x").lstrip("0") or "0"
+            if len(digits) > _MAX_ENV_INT_CHARS:  # int() would refuse it past 4300 digits
+                self.problem(key, f"{shown(env_text)} is out of range (expected {low}–{high})")
+                return None
+            value = int(digits, 16 if hexadecimal else 10)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
             self.problem(key, f"expected an integer, got {describe(value)}")
             return None
         if not low <= value <= high:
-            self.problem(key, f"{value} is out of range (expected {low}–{high})")
+            self.problem(key, f"{shown_number(value)} is out of range (expected {low}–{high})")
             return None
         return value
 
@@ -307,7 +386,7 @@ class Table:
         if env_text is not None:
             parsed = _ENV_BOOLEANS.get(env_text.strip().lower())
             if parsed is None:
-                self.problem(key, f"{quote(env_text)} is not a boolean (true, false, 1 or 0)")
+                self.problem(key, f"{shown(env_text)} is not a boolean (true, false, 1 or 0)")
                 return default
             return parsed
         if value is None:
@@ -321,13 +400,14 @@ class Table:
         """A duration in seconds, integer or float, more than 0 and at most ``MAX_SECONDS``."""
         value = self._get(key)
         env_text = self._env_text(key, value)
-        shown = str(value)
+        written = shown_number(value) if isinstance(value, int | float) else ""
         if env_text is not None:
-            shown = env_text.strip()
-            if not _ENV_SECONDS_RE.fullmatch(shown):
-                self.problem(key, f"{quote(env_text)} is not a number of seconds, e.g. 10 or 0.5")
+            stripped = env_text.strip()
+            if not _ENV_SECONDS_RE.fullmatch(stripped):
+                self.problem(key, f"{shown(env_text)} is not a number of seconds, e.g. 10 or 0.5")
                 return default
-            value = float(shown)
+            written = shown_number(stripped)
+            value = float(stripped)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -336,7 +416,7 @@ class Table:
         if not 0 < value <= MAX_SECONDS:  # also refuses nan and inf
             self.problem(
                 key,
-                f"{shown} is out of range (expected seconds, more than 0 and at most "
+                f"{written} is out of range (expected seconds, more than 0 and at most "
                 f"{MAX_SECONDS})",
             )
             return default
@@ -421,7 +501,7 @@ class Table:
                 suggestion = env_name((*self.path, close[0])) if close else None
             else:
                 message = "unknown key"
-                suggestion = quote(close[0]) if close else None
+                suggestion = shown(close[0]) if close else None
             if suggestion:
                 message += f"; did you mean {suggestion}?"
             if key in self.ctx.unknown_key_hints:

@@ -14,6 +14,10 @@ then published with ``link()``, which fails if the name exists. So a reader neve
 an existing key is never overwritten, and when two processes race to create the file both end up
 with the winner's key. The directory is fsynced so the new name survives a crash.
 
+``check_private_key_file`` tells what ``ensure_private_key_file`` would do without doing it
+(``tunneld check-config``), and ``load_header_secret`` reads a ``require_header`` secret,
+refusing one that no request could carry.
+
 Key material never appears in messages, exception arguments or tracebacks, and this module logs
 nothing.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import os
 import secrets
 import shlex
@@ -111,6 +116,24 @@ def read_secret_file(path: Path, *, what: str = "secret file", missing_hint: str
         os.close(fd)
 
 
+def load_header_secret(path: Path) -> bytes:
+    """Return the shared secret in *path* (a ``require_header`` value), surrounding whitespace
+    removed; the file follows the rules of ``read_secret_file``.
+
+    Raises ``KeyFileError`` if no request could carry it: empty, or with a control character
+    (a line break inside it, say), which a header value cannot hold.
+    """
+    secret = read_secret_file(path, what="header secret file").strip()
+    if not secret:
+        raise KeyFileError(f"{path}: is empty; put the shared secret in it (one line)")
+    if any((byte < 0x20 and byte != 0x09) or byte == 0x7F for byte in secret):
+        raise KeyFileError(
+            f"{path}: the secret contains a control character (a line break?), which a "
+            "header value cannot hold; put the secret on one line"
+        )
+    return secret
+
+
 def create_private_key_file(path: Path) -> bytes:
     """Create *path* holding a new private key (mode 0600) and return the key.
 
@@ -133,6 +156,52 @@ def ensure_private_key_file(path: Path) -> tuple[bytes, bool]:
             return key, True
         # Another process created it between our check and our link(): use the winner's key.
     return load_key_file(path), False
+
+
+def check_private_key_file(path: Path) -> bool:
+    """Check *path* as ``ensure_private_key_file`` would use it, but create nothing.
+
+    Returns True if the file is missing and could be created, False if it holds a usable key
+    (loaded and dropped: never returned). Raises the ``KeyFileError`` that
+    ``ensure_private_key_file`` would raise, with the same message.
+    """
+    if os.path.lexists(path):
+        load_key_file(path)
+        return False
+    problem = _creation_problem(path)
+    if problem:
+        raise KeyFileError(problem)
+    return True
+
+
+def _creation_problem(path: Path) -> str:
+    """What ``_create`` would fail with, found without creating anything; "" if nothing."""
+    directory = path.parent
+    existing = directory
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():  # mkdir() of the directory below it would fail
+        error = errno.EEXIST if existing == directory else errno.ENOTDIR
+        return (
+            f"{path}: cannot create directory {directory} ({os.strerror(error)}); "
+            "create it (mode 700) or choose another path"
+        )
+    if os.access(existing, os.W_OK | os.X_OK, effective_ids=True):
+        return ""
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    reason = os.strerror(errno.EROFS if read_only else errno.EACCES)
+    if existing != directory:
+        return (
+            f"{path}: cannot create directory {directory} ({reason}); "
+            "create it (mode 700) or choose another path"
+        )
+    return (
+        f"{path}: cannot create key file ({reason}); "
+        f"check that {directory} is a writable directory with free space"
+    )
 
 
 def _create(path: Path) -> bytes | None:
@@ -180,9 +249,16 @@ def _read_owner_only_file(fd: int, path: Path, what: str) -> bytes:
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
         access = "readable" if mode & 0o044 else "writable"
+        if not path.is_symlink():
+            raise KeyFileError(
+                f"{path}: {access} by group/other (mode {mode:04o}); "
+                f"run: chmod 600 {shlex.quote(str(path))}"
+            )
+        # chmod follows the link: name the file it would change (/etc/shadow, say).
+        target = _opened_path(fd, path)
         raise KeyFileError(
-            f"{path}: {access} by group/other (mode {mode:04o}); "
-            f"run: chmod 600 {shlex.quote(str(path))}"
+            f"{path}: a symlink to {target}, which is {access} by group/other "
+            f"(mode {mode:04o}); if that file is the key, run: chmod 600 {shlex.quote(target)}"
         )
     too_large = (
         f"{path}: too large for a {what} (at most {MAX_KEY_FILE_BYTES} bytes); check the path"
@@ -200,6 +276,14 @@ def _read_owner_only_file(fd: int, path: Path, what: str) -> bytes:
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read ({exc.strerror}); check the file") from exc
     return b"".join(chunks)
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """The file that *fd* is open on (where the symlink *path* led when it was opened)."""
+    try:
+        return str(Path(f"/proc/self/fd/{fd}").readlink())
+    except OSError:  # no /proc: resolve the name again
+        return str(path.resolve())
 
 
 def _decode(text: str) -> tuple[bytes, str]:

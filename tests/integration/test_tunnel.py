@@ -62,10 +62,29 @@ def test_handshake_reachability_and_status(topology: Topology) -> None:
     assert private_b64 not in exposed
     assert private_hex not in exposed
 
+    # tunneld's wireguard-go child (found by its PPid) has exactly the environment the README
+    # states: LOG_LEVEL=error and nothing else.
+    children = [
+        pid
+        for pid in run("ip", "netns", "pids", topology.host_ns).split()
+        if _parent_pid(int(pid)) == daemon.pid
+        and Path(f"/proc/{pid}/exe").resolve().name == "wireguard-go"
+    ]
+    assert len(children) == 1, children
+    assert Path(f"/proc/{children[0]}/environ").read_bytes() == b"LOG_LEVEL=error\0"
+
     # Routes: only the gateway's allowed IPs, via our interface; never a default route.
     routes = topology.host_routes()
     assert f"10.45.0.0/24 dev {topology.host_ifname} proto 116" in routes
     assert "default" not in routes
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # it exited meanwhile
+        return None
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:"))
 
 
 def test_sigterm_tears_down_everything(topology: Topology) -> None:

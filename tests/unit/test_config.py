@@ -922,7 +922,7 @@ VALID_INTERFACE: dict[str, list[Any]] = {
     "fwmark": [0, 0xFFFFFFFF, 51820],
     "listen_port": [1, 51820, 65535],
     "backend": ["auto", "kernel", "userspace"],
-    "private_key_file": ["k", "/etc/k", "../k", 'we"ird\\path\n'],
+    "private_key_file": ["k", "/etc/k", "../k", 'we"ird\\päth'],
 }
 VALID_GATEWAY: dict[str, list[Any]] = {
     "name": ["edge-1", "a.b_c"],

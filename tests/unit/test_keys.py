@@ -466,3 +466,17 @@ def test_secret_files_follow_the_key_file_rules(tmp_path: Path) -> None:
     assert "s3cret" not in str(caught.value)
     with pytest.raises(KeyFileError, match="create the header secret file"):
         keys.read_secret_file(tmp_path / "absent", what="header secret file")
+
+
+def test_a_symlink_to_a_shared_file_names_the_file_it_points_at(tmp_path: Path) -> None:
+    """A key path that links to /etc/shadow (mode 0640): "run: chmod 600 private.key" would
+    change /etc/shadow. The message says where the link points and hedges the hint."""
+    target = write_file(tmp_path / "shadow", "root:*:19000:0:99999:7:::\n", 0o640)
+    link = tmp_path / "private.key"
+    link.symlink_to(target)
+    with pytest.raises(KeyFileError) as caught:
+        keys.load_key_file(link)
+    assert str(caught.value) == (
+        f"{link}: a symlink to {target}, which is readable by group/other (mode 0640); "
+        f"if that file is the key, run: chmod 600 {target}"
+    )

@@ -21,6 +21,7 @@ and so does :func:`unreachable_rules`, with which config refuses rules that coul
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -154,29 +155,58 @@ def unreachable_rules(services: Sequence[ServiceConfig]) -> dict[int, list[int]]
 
     Indices are into ``services``. Rule *j* is unreachable when each of its host patterns is
     covered by a pattern of some earlier rule whose path prefix covers *j*'s (different patterns
-    may be covered by different rules). Prefixes are subtrees, so a union of earlier prefixes
-    covers *j*'s only if one of them does; and a wildcard is covered only by a single pattern.
+    may be covered by different rules); for each pattern, the first such rule is named. Prefixes
+    are subtrees, so a union of earlier prefixes covers *j*'s only if one of them does; and a
+    wildcard is covered only by a single pattern.
+
+    Linear in the number of rules: instead of comparing each rule with every earlier one, it
+    looks up the few (prefix, pattern) pairs that could cover each of its own
+    (:func:`_covering_prefixes`, :func:`_covering_patterns`) in a table of the first rule that
+    has each pair.
     """
-    rules = [(i, service) for i, service in enumerate(services) if service.protocol == "http"]
+    first_with: dict[tuple[str, str], int] = {}  # (path prefix, host pattern) → first rule
     unreachable: dict[int, list[int]] = {}
-    for position, (index, rule) in enumerate(rules):
-        earlier = [
-            (earlier_index, other)
-            for earlier_index, other in rules[:position]
-            if path_matches(other.path_prefix, rule.path_prefix)
-        ]
+    for index, rule in enumerate(services):
+        if rule.protocol != "http":
+            continue
+        prefixes = _covering_prefixes(rule.path_prefix)
         taken_by: set[int] = set()
         for pattern in rule.hosts:
-            covering = [
-                i for i, other in earlier if any(pattern_covers(o, pattern) for o in other.hosts)
+            found = [
+                first_with[key]
+                for key in itertools.product(prefixes, _covering_patterns(pattern))
+                if key in first_with
             ]
-            if not covering:
+            if not found:
                 break
-            taken_by.add(covering[0])
+            taken_by.add(min(found))
         else:
             if rule.hosts:
                 unreachable[index] = sorted(taken_by)
+        for pattern in rule.hosts:
+            first_with.setdefault((rule.path_prefix, pattern), index)
     return unreachable
+
+
+def _covering_prefixes(prefix: str) -> list[str]:
+    """Every path prefix that covers ``prefix`` (``path_matches(outer, prefix)``): ``/``, itself,
+    and each leading part that ends at a ``/`` of it, with and without that ``/``."""
+    candidates = {"/", prefix}
+    for position, char in enumerate(prefix):
+        if char == "/" and position > 0:
+            candidates.update((prefix[:position], prefix[: position + 1]))
+    return [outer for outer in candidates if path_matches(outer, prefix)]
+
+
+def _covering_patterns(pattern: str) -> list[str]:
+    """Every host pattern that covers ``pattern`` (``pattern_covers(outer, pattern)``): ``*``,
+    itself, and ``*`` followed by each of its suffixes that starts with a dot."""
+    if pattern == "*":
+        return ["*"]
+    candidates = {"*", pattern}
+    name = pattern.removeprefix("*")
+    candidates.update("*" + name[position:] for position, char in enumerate(name) if char == ".")
+    return [outer for outer in candidates if pattern_covers(outer, pattern)]
 
 
 class Router:

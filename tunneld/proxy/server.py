@@ -37,9 +37,7 @@ DELIVERY_TIMEOUT_SECONDS = 3.0
 def load_service_secrets(config: Config) -> dict[str, bytes]:
     """The shared-secret header values by service name, read from their 0600 files."""
     return {
-        service.name: keys.read_secret_file(
-            service.require_header.value_file, what="header secret file"
-        ).strip()
+        service.name: keys.load_header_secret(service.require_header.value_file)
         for service in config.services
         if service.require_header is not None
     }

@@ -4,11 +4,11 @@ How this works: ``wireguard-go -f IFNAME`` creates a tun device named IFNAME and
 ``/var/run/wireguard/IFNAME.sock``. We configure it and read its state over that socket with the
 sans-IO codec in :mod:`tunneld.wireguard.uapi`: one connection per request, as ``wg`` does.
 
-The child gets a minimal environment (no secrets exist in ours, but we do not rely on that) and its
-output is forwarded to our log. When our scope is cancelled trio sends it SIGTERM and wireguard-go
-removes its device; if it wedges, SIGKILL follows and the kernel drops the non-persistent tun
-anyway. A child left behind by a ``kill -9`` of the daemon is recognised by its answering socket
-and replaced, so a restart always ends with a device we supervise.
+The child's environment is ``LOG_LEVEL=error`` alone (no secrets exist in ours, but we do not
+rely on that) and its output is forwarded to our log. When our scope is cancelled trio sends it
+SIGTERM and wireguard-go removes its device; if it wedges, SIGKILL follows and the kernel drops
+the non-persistent tun anyway. A child left behind by a ``kill -9`` of the daemon is recognised
+by its answering socket and replaced, so a restart always ends with a device we supervise.
 """
 
 from __future__ import annotations
@@ -139,15 +139,18 @@ def check_tun_device(path: Path = TUN_DEVICE) -> None:
     os.close(fd)
 
 
-def _child_environment() -> dict[str, str]:
-    # Deliberately not os.environ: a child inherits nothing it does not need.
-    return {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        # Errors only, even when we log at debug: wireguard-go's verbose mode logs every
-        # keepalive, and a child that writes to its pipe after a kill -9 of ours dies of
-        # SIGPIPE mid-cleanup instead of staying up for the restart to adopt or replace.
-        "LOG_LEVEL": "error",
-    }
+def child_environment() -> dict[str, str]:
+    """The child's whole environment: ``LOG_LEVEL=error`` and nothing else (README says so).
+
+    Not built from ``os.environ``: the child inherits nothing it does not need. wireguard-go
+    execs no program (the binary is resolved before it starts), so it needs no ``PATH``; and
+    ``WG_TUN_FD``, ``WG_UAPI_FD``, ``WG_PROCESS_FOREGROUND`` are for its own daemonizing
+    re-exec alone: inherited, they would make it adopt descriptors it was never given.
+    """
+    # Errors only, even when we log at debug (older wireguard-go defaults to info): its verbose
+    # mode logs every keepalive, and a child that writes to its pipe after a kill -9 of ours
+    # dies of SIGPIPE mid-cleanup instead of staying up for the restart to adopt or replace.
+    return {"LOG_LEVEL": "error"}
 
 
 def _explain_exit(binary: str, status: int, output: list[str]) -> TunneldError:
@@ -219,7 +222,7 @@ async def supervised_device(ifname: str, binary: str) -> AsyncIterator[Userspace
             partial(
                 trio.run_process,
                 [path, "-f", ifname],
-                env=_child_environment(),
+                env=child_environment(),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -251,7 +254,7 @@ async def start_detached(ifname: str, binary: str) -> UserspaceDevice:
     with tempfile.TemporaryFile() as output_file:
         result = await trio.run_process(
             [path, ifname],
-            env=_child_environment(),
+            env=child_environment(),
             stdin=subprocess.DEVNULL,
             stdout=output_file,
             stderr=subprocess.STDOUT,
