@@ -40,7 +40,6 @@ EXPECTED_GUEST_TESTS = {
     "test_kernel_daemon::test_userspace_tunneld_with_kernel_gateway",
     "test_kernel_daemon::test_auto_picks_kernel_and_sigterm_removes_everything",
     "test_kernel_daemon::test_restart_after_kill_9_adopts_the_kernel_link",
-    "test_kernel_daemon::test_kernel_interface_filter_lets_the_gateway_reach_only_the_services",
 }
 
 
