@@ -7,6 +7,7 @@ would report green while proving nothing.
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import shutil
 from pathlib import Path
@@ -28,12 +29,15 @@ def missing_root_prerequisites() -> list[str]:
     missing = []
     if os.geteuid() != 0:
         missing.append("root (network namespaces and WireGuard devices need it)")
-    tools = [tool for tool in ("ip", "wg", "wireguard-go", "setpriv") if shutil.which(tool) is None]
+    commands = ("ip", "wg", "wireguard-go", "setpriv", "nft")
+    tools = [tool for tool in commands if shutil.which(tool) is None]
     if tools:
         missing.append(
             f"the commands {', '.join(tools)} (scripts/bootstrap installs them: iproute2 "
-            "wireguard-tools wireguard-go util-linux)"
+            "wireguard-tools wireguard-go util-linux nftables)"
         )
+    if ctypes.util.find_library("nftables") is None:  # the daemon's filter (interface.firewall)
+        missing.append("libnftables (scripts/bootstrap installs it: libnftables1)")
     if not Path("/dev/net/tun").exists():
         missing.append("/dev/net/tun")
     return missing

@@ -33,6 +33,7 @@ from tunneld.proxy.routes import Router
 from tunneld.status import device_report, format_status
 from tunneld.tunnel import Tunnel, load_tunnel_keys
 from tunneld.wireguard.device import delete_device, existing_device, open_device
+from tunneld.wireguard.firewall import remove_filter
 from tunneld.wireguard.model import DeviceStats
 
 log = logging.getLogger("tunneld")
@@ -205,8 +206,14 @@ def _interface_name(args: argparse.Namespace) -> tuple[str, Config | None]:
 def _cmd_down(args: argparse.Namespace) -> int:
     ifname, _ = _interface_name(args)
     require_net_admin()
+
+    async def down() -> bool:
+        removed = await delete_device(ifname)
+        # After the link: the filter is the last thing of ours to go.
+        return await remove_filter(ifname) or removed
+
     with interface_lock(ifname):
-        removed = trio.run(delete_device, ifname)
+        removed = trio.run(down)
     print(f"{ifname}: removed" if removed else f"{ifname}: not present")
     return EXIT_OK
 

@@ -137,6 +137,8 @@ class InterfaceConfig:
     mtu: int = 1420
     backend: BackendChoice = "auto"
     userspace_binary: str = "wireguard-go"
+    # tunneld's nftables table on the interface (wireguard/firewall.py); false: the host's own.
+    firewall: bool = True
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,7 @@ def _interface(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Inte
     userspace_binary = table.text("userspace_binary", "wireguard-go")
     if not userspace_binary:
         table.problem("userspace_binary", "must not be empty; expected a command or path")
+    firewall = table.boolean("firewall", True)
     table.done()
     return InterfaceConfig(
         private_key=private_key,
@@ -203,6 +206,7 @@ def _interface(ctx: Context, key_dirs: _KeyDirs, raw: dict[str, object]) -> Inte
         mtu=mtu,
         backend=cast(BackendChoice, backend),
         userspace_binary=userspace_binary,
+        firewall=firewall,
     )
 
 
@@ -546,6 +550,7 @@ def render_config(config: Config) -> str:
         f"mtu = {interface.mtu}",
         f"backend = {quote(interface.backend)}",
         f"userspace_binary = {quote(interface.userspace_binary)}",
+        f"firewall = {toml_value(interface.firewall)}",
     ]
     for gateway in config.gateways:
         lines += [

@@ -49,6 +49,16 @@ class BackendUnavailableError(BackendError):
     exit_code = 2
 
 
+class FirewallError(TunneldError):
+    """The nftables filter on the WireGuard interface could not be read or written."""
+
+
+class FirewallUnavailableError(FirewallError):
+    """No nftables to filter with (library or kernel support missing): a person must install it."""
+
+    exit_code = 2
+
+
 class UapiError(BackendError):
     """The userspace implementation answered a UAPI request with ``errno=N``."""
 

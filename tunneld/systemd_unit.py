@@ -71,6 +71,7 @@ UMask=0077
 
 # Capabilities, and nothing else:
 #   CAP_NET_ADMIN         create and configure the WireGuard interface (rtnetlink, genetlink),
+#                         its nftables filter (nfnetlink, through libnftables),
 #                         and wireguard-go's TUNSETIFF on /dev/net/tun (ambient: inherited)
 #   CAP_NET_BIND_SERVICE  the proxy's HTTP port 80 (or any port < 1024) on the tunnel address
 #   CAP_NET_RAW           the ICMP health probe's raw-socket fallback: an unprivileged ICMP
@@ -108,7 +109,8 @@ ProtectHostname=yes
 
 # The host's network namespace is the point (no PrivateNetwork=, no IPAddressDeny=: gateways
 # are wherever their endpoints resolve to); sockets are limited to what is used: unix (UAPI,
-# sd_notify), IPv4/IPv6 (tunnel, proxy, probes), netlink (interface configuration).
+# sd_notify), IPv4/IPv6 (tunnel, proxy, probes), netlink (interface configuration and its
+# nftables filter; the nf_tables module, like wireguard, is loaded by the kernel on first use).
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 RestrictNamespaces=yes
 RestrictRealtime=yes

@@ -40,7 +40,15 @@ from tunneld.errors import TunneldError, principal_error
 from tunneld.health import Action, Observation, PeerHealth, PeerState
 from tunneld.netwatch import watch_network
 from tunneld.probe import ProbeError, icmp_socket_kind, probe_gateway
-from tunneld.wireguard.device import Device, open_device
+from tunneld.proxy.server import listener_groups
+from tunneld.wireguard.device import TEARDOWN_TIMEOUT_SECONDS, Device, open_device
+from tunneld.wireguard.firewall import (
+    FilterPlan,
+    filter_installed,
+    install_filter,
+    remove_filter,
+    table_name,
+)
 from tunneld.wireguard.links import LinkPlan, converge_link, routes_needed
 from tunneld.wireguard.model import DeviceConfig, DeviceStats, Endpoint, PeerConfig
 
@@ -150,6 +158,9 @@ class Tunnel:
         self.backend_name = ""
         self._generation_changed = trio.Event()
         self._device: Device | None = None  # while the supervisor runs one
+        #: The filter as last applied: its plan, False when interface.firewall is off, None
+        #: before the first bring-up (so that each change is logged once, not every rebuild).
+        self._filter_applied: FilterPlan | bool | None = None
         #: A tick and a reload both reconfigure the device: one at a time.
         self._device_lock = trio.Lock()
 
@@ -199,6 +210,14 @@ class Tunnel:
             routes=routes_needed(interface.addresses, allowed),
         )
 
+    def filter_plan(self) -> FilterPlan:
+        """What the nftables filter lets in: TCP to every port the proxy listens on."""
+        return FilterPlan(
+            ifname=self.ifname,
+            addresses=tuple(address.ip for address in self.config.interface.addresses),
+            tcp_ports=tuple(group.port for group in listener_groups(self.config)),
+        )
+
     # -- bring-up and the device's lifetime --------------------------------------------------
 
     async def bring_up(self, device: Device) -> None:
@@ -215,6 +234,9 @@ class Tunnel:
 
     async def _apply(self, device: Device) -> None:
         """Make the device and the link match ``self.config`` (sessions of kept peers survive)."""
+        # The filter first: it matches the interface by name, so it holds from the moment the
+        # link has addresses (and a table left by a killed daemon is replaced in one step).
+        await self._apply_filter()
         for gateway in self.config.gateways:
             runtime = self._runtime(gateway)
             if runtime.endpoint is None:
@@ -222,6 +244,49 @@ class Tunnel:
         await device.configure(self.device_config())
         await converge_link(self.ifname, self.link_plan())
         self.last_stats = await device.stats()  # what status and metrics show: the new state
+
+    async def _apply_filter(self) -> None:
+        """Install (or atomically replace) the nftables filter, or remove it when it is off."""
+        if self.config.interface.firewall:
+            plan = self.filter_plan()
+            await install_filter(plan)
+            if plan != self._filter_applied:
+                log.info(
+                    "nftables table inet %s: through %s only TCP to port(s) %s, ICMP echo and "
+                    "replies reach this host; nothing is forwarded",
+                    table_name(self.ifname), self.ifname,
+                    ", ".join(str(port) for port in sorted(set(plan.tcp_ports))) or "(none)",
+                )  # fmt: skip
+            self._filter_applied = plan
+            return
+        if await remove_filter(self.ifname):
+            log.info("removed the nftables table inet %s (interface.firewall = false)",
+                     table_name(self.ifname))  # fmt: skip
+        if self._filter_applied is not False:
+            log.warning(
+                "interface.firewall = false: tunneld does not filter what arrives through %s. "
+                "The gateway reaches every port of this host that listens on the tunnel address "
+                "or on 0.0.0.0, and with ip_forward on, your LAN: this host's own firewall must "
+                "restrict the tunnel interface",
+                self.ifname,
+            )
+        self._filter_applied = False
+
+    async def _repair_filter(self) -> None:
+        """Put the filter back if it was removed under us (``nft flush ruleset`` does that)."""
+        if self.config.interface.firewall and not await filter_installed(self.ifname):
+            log.warning("the nftables table inet %s is gone (a `nft flush ruleset`?); "
+                        "installing it again", table_name(self.ifname))  # fmt: skip
+            await install_filter(self.filter_plan())
+
+    async def _remove_filter_at_exit(self) -> None:
+        with trio.move_on_after(TEARDOWN_TIMEOUT_SECONDS) as scope:
+            scope.shield = True
+            try:
+                await remove_filter(self.ifname)
+            except TunneldError as exc:  # must not hide why we are exiting
+                log.warning("could not remove the nftables table inet %s: %s",
+                            table_name(self.ifname), exc)  # fmt: skip
 
     async def read_stats(self) -> DeviceStats | None:
         """The device's stats now (for /status); the last tick's if it cannot answer."""
@@ -271,6 +336,12 @@ class Tunnel:
         """
         if self.config.health.probe == "icmp":
             icmp_socket_kind(4)  # no ICMP socket allowed at all: say so now (exit 2), not per tick
+        try:
+            await self._run(task_status)
+        finally:  # after the link is gone: never a moment with the link and without the filter
+            await self._remove_filter_at_exit()
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         interface = self.config.interface
         backoff = Backoff()
         while True:
@@ -360,6 +431,7 @@ class Tunnel:
     async def tick(self, device: Device) -> None:
         """One round: repair the link, observe every gateway, act on what the machines decide."""
         await converge_link(self.ifname, self.link_plan())
+        await self._repair_filter()
         resolved = [
             runtime
             for runtime in self.gateways.values()

@@ -22,14 +22,27 @@ from tests.integration.topology import (
 pytestmark = pytest.mark.root
 
 
+def tcp_service(port: int) -> str:
+    """A TCP service on ``port`` of the tunnel address, relayed to 127.0.0.1:``port + 100``.
+
+    Only the proxy's ports are reachable through the tunnel (tunneld's nftables filter), so
+    traffic tests go through a service rather than to a listener of their own.
+    """
+    return (
+        f'\n[[service]]\nname = "banner-{port}"\nprotocol = "tcp"\nlisten_port = {port}\n'
+        f'upstream = "tcp://127.0.0.1:{port + 100}"\n'
+    )
+
+
 def test_handshake_reachability_and_status(topology: Topology) -> None:
+    topology.write_config(services=tcp_service(7001))
     daemon = topology.start_daemon()
     topology.wait_running(daemon)
     first = topology.wait_handshake()
     assert first["name"] == "edge-1"
     assert first["endpoint"] == f"{GATEWAY_UNDERLAY}:51820"
 
-    topology.start_host_listener(HOST_TUNNEL, 7001, "hello from the private host")
+    topology.start_host_listener("127.0.0.1", 7101, "hello from the private host")
     assert topology.gateway_connect(HOST_TUNNEL, 7001) == "hello from the private host"
 
     # Keepalive is 1 s, so counters grow on their own; traffic above made them grow already.
@@ -98,6 +111,7 @@ def test_sigterm_tears_down_everything(topology: Topology) -> None:
 
 
 def test_restart_after_kill_9_converges(topology: Topology) -> None:
+    topology.write_config(services=tcp_service(7002))
     daemon = topology.start_daemon()
     topology.wait_running(daemon)
     topology.wait_handshake()
@@ -110,7 +124,7 @@ def test_restart_after_kill_9_converges(topology: Topology) -> None:
     topology.wait_running(restarted, log_name="restart.log")
     assert "left behind by an earlier run" in topology.daemon_log("restart.log")
     topology.wait_handshake()
-    topology.start_host_listener(HOST_TUNNEL, 7002, "after restart")
+    topology.start_host_listener("127.0.0.1", 7102, "after restart")
     assert topology.gateway_connect(HOST_TUNNEL, 7002) == "after restart"
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pytest
+
+from tunneld import tunnel
+from tunneld.wireguard.firewall import FilterPlan
 
 
 @pytest.fixture(autouse=True)
@@ -22,3 +26,31 @@ def _restore_root_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+@dataclass
+class FakeFirewall:
+    """Stands in for the nftables table: what was installed, per interface name."""
+
+    tables: dict[str, FilterPlan] = field(default_factory=dict)
+    installs: list[FilterPlan] = field(default_factory=list)
+
+    async def install(self, plan: FilterPlan) -> None:
+        self.tables[plan.ifname] = plan
+        self.installs.append(plan)
+
+    async def remove(self, ifname: str) -> bool:
+        return self.tables.pop(ifname, None) is not None
+
+    async def installed(self, ifname: str) -> bool:
+        return ifname in self.tables
+
+
+@pytest.fixture(autouse=True)
+def fake_firewall(monkeypatch: pytest.MonkeyPatch) -> FakeFirewall:
+    """No unit test touches the nftables of the machine it runs on (tests may run as root)."""
+    fake = FakeFirewall()
+    monkeypatch.setattr(tunnel, "install_filter", fake.install)
+    monkeypatch.setattr(tunnel, "remove_filter", fake.remove)
+    monkeypatch.setattr(tunnel, "filter_installed", fake.installed)
+    return fake

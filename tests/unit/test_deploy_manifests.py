@@ -230,7 +230,7 @@ def test_the_image_has_wireguard_go_and_file_capabilities_that_never_block_exec(
     run = " ".join(
         item.arguments for item in final_stage(dockerfile_instructions()) if item.keyword == "RUN"
     )
-    for package in ("wireguard-go", "wireguard-tools", "iproute2", "libcap2-bin"):
+    for package in ("wireguard-go", "wireguard-tools", "iproute2", "libcap2-bin", "libnftables1"):
         assert re.search(rf"apt-get install [^&]*\b{package}\b", run), package
     capabilities = file_capabilities()
     # The interpreter: permitted only (=p), so the kernel never refuses to run it where the

@@ -24,7 +24,7 @@ def _guest_prerequisites() -> None:
         problems.append("not root inside the VM (vng --user root)")
     problems += [
         f"no `{tool}` command"
-        for tool in ("ip", "wg", "wireguard-go", "ping")
+        for tool in ("ip", "wg", "wireguard-go", "ping", "nft")
         if shutil.which(tool) is None
     ]
     if not Path("/dev/net/tun").exists():
