@@ -117,7 +117,8 @@ def _queue() -> queue.SimpleQueue[_Job]:
 async def run_sync(function: Callable[..., T], *args: Any) -> T:
     """``function(*args)`` in the netlink thread; its result, or its exception re-raised.
 
-    Calls run one at a time, in the order they were made. Not cancellable once submitted.
+    Calls run one at a time, in the order they were made. A call is not abandoned once
+    submitted: a caller cancelled meanwhile waits for it to end, then gets ``Cancelled``.
     """
     task = trio.lowlevel.current_task()
     token = trio.lowlevel.current_trio_token()
@@ -131,4 +132,5 @@ async def run_sync(function: Callable[..., T], *args: Any) -> T:
         return trio.lowlevel.Abort.FAILED  # it runs to its end; the caller sees cancel after
 
     result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+    await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller stops here, not later
     return result
