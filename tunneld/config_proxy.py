@@ -90,7 +90,9 @@ class ServiceConfig:
 @dataclass(frozen=True)
 class ProxyConfig:
     http_port: int = 80  # HTTP services share this port on the tunnel address(es)
-    max_connections: int = 1024  # concurrent client connections; HTTP excess gets 503
+    # Concurrent client connections; HTTP excess gets 503. None: "auto", derived from the open
+    # files limit at run time (tunneld.fdlimit), which also lowers a number too high for it.
+    max_connections: int | None = None
     max_request_head_bytes: int = 65536  # request line + headers; beyond → 431
     request_head_timeout_seconds: float = 10.0  # a slower client head → 408
     # Sources allowed to connect, narrowing the gateways' allowed_ips; empty = all of those.
@@ -148,9 +150,7 @@ def read_proxy(
     defaults = _PROXY_DEFAULTS
     proxy = ProxyConfig(
         http_port=table.integer("http_port", defaults.http_port, 1, 65535),
-        max_connections=table.integer(
-            "max_connections", defaults.max_connections, 1, MAX_CONNECTIONS
-        ),
+        max_connections=_max_connections(table),
         max_request_head_bytes=table.integer(
             "max_request_head_bytes",
             defaults.max_request_head_bytes,
@@ -168,6 +168,18 @@ def read_proxy(
     )
     table.done()
     return proxy
+
+
+def _max_connections(table: Table) -> int | None:
+    """``max_connections``: ``"auto"`` (also the default) is None, else an integer in range."""
+    value = table.raw.get("max_connections")
+    from_env = (*table.path, "max_connections") in table.ctx.env_origins
+    if isinstance(value, str) and (value.strip() == "auto" or not from_env):
+        table.known.append("max_connections")
+        if value.strip() != "auto":
+            table.problem("max_connections", f'{quote(value)}: expected "auto" or an integer')
+        return None
+    return table.optional_integer("max_connections", 1, MAX_CONNECTIONS)
 
 
 def _allowed_sources(table: Table, gateway_networks: Sequence[IPNetwork]) -> tuple[IPNetwork, ...]:
@@ -504,7 +516,7 @@ def render_proxy(proxy: ProxyConfig) -> list[str]:
         "[proxy]",
         *toml_lines(
             http_port=proxy.http_port,
-            max_connections=proxy.max_connections,
+            max_connections="auto" if proxy.max_connections is None else proxy.max_connections,
             max_request_head_bytes=proxy.max_request_head_bytes,
             request_head_timeout=proxy.request_head_timeout_seconds,
             allowed_sources=proxy.allowed_sources or None,
