@@ -8,19 +8,21 @@ gateway used up every descriptor; the next health tick could not open its netlin
 Here tunneld runs under ``prlimit``: once with a hard limit of 1024 (raising the soft limit
 cannot help; the connection limit derived from it must), once with a soft limit of 1024 under a
 higher hard limit (the daemon raises the soft one at start). From the gateway's namespace the
-first test opens 1,100 idle connections at once, holds them for several health intervals and
-checks that the daemon stays up, keeps its interface, keeps ticking (its probe counter goes on)
-and that the gateway stays up in ``/status``; then closes them and checks that a request gets
-200 again. The figures — descriptors in use, how the connections were answered — are printed
+first test opens 1,100 idle connections (or 600 WebSockets) at once, holds them for several
+health intervals and checks that the daemon stays up, keeps its interface, keeps ticking (its
+probe counter goes on) and that the gateway stays up in ``/status``; then closes them and checks
+that a request gets 200 again. The figures — descriptors in use, how the connections were answered — are printed
 (run with ``-s``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import re
+import select
 import socket
 import subprocess
 import threading
@@ -43,8 +45,12 @@ from tests.integration.topology import HOST_TUNNEL, Topology, wait_for
 
 pytestmark = pytest.mark.root
 
-FLOOD_CONNECTIONS = 1100
 HOLD_SECONDS = 6.0  # several health ticks (interval 1 s), below request_head_timeout (10 s)
+CONNECT_SECONDS = 10.0
+WEBSOCKET_UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: billing\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
 METRICS_PORT = 9477  # the default [metrics] listen, inside the host's own namespace
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -77,11 +83,11 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def open_idle_connections(namespace: str, count: int) -> list[socket.socket]:
-    """``count`` non-blocking connects to the HTTP port from ``namespace``, fired at once.
+def open_connections(namespace: str, count: int, request: bytes = b"") -> list[socket.socket]:
+    """``count`` non-blocking connects to the HTTP port from ``namespace``, fired at once;
+    ``request`` is then sent on each one that is connected within ``CONNECT_SECONDS``.
 
-    Nothing is sent on them. The caller closes them; if this fails halfway, it closes the
-    ones it made before raising.
+    The caller closes them; if this fails halfway, it closes the ones it made before raising.
     """
     sockets: list[socket.socket] = []
     failure: list[BaseException] = []
@@ -104,11 +110,31 @@ def open_idle_connections(namespace: str, count: int) -> list[socket.socket]:
     thread = threading.Thread(target=create)
     thread.start()
     thread.join()
-    if failure:
+    try:
+        if failure:
+            raise failure[0]
+        if request:
+            _send_when_connected(sockets, request)
+    except BaseException:
         for sock in sockets:
             sock.close()
-        raise failure[0]
+        raise
     return sockets
+
+
+def _send_when_connected(sockets: list[socket.socket], request: bytes) -> None:
+    waiting = {sock.fileno(): sock for sock in sockets}
+    poller = select.poll()
+    for fileno in waiting:
+        poller.register(fileno, select.POLLOUT)
+    deadline = time.monotonic() + CONNECT_SECONDS
+    while waiting and time.monotonic() < deadline:
+        for fileno, _events in poller.poll(100):
+            poller.unregister(fileno)
+            sock = waiting.pop(fileno)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                with contextlib.suppress(OSError):  # already refused or reset: classify says so
+                    sock.send(request)
 
 
 def classify(sockets: list[socket.socket]) -> Counter[str]:
@@ -164,7 +190,15 @@ def start(topology: Topology, soft: int, hard: int) -> subprocess.Popen[bytes]:
     return daemon
 
 
-def test_a_hard_limit_of_1024_and_1100_idle_connections(topology: Topology) -> None:
+@pytest.mark.parametrize(
+    ("count", "request_bytes"),
+    [(1100, b""), (600, WEBSOCKET_UPGRADE)],
+    ids=["1100-idle-connections", "600-websockets"],
+)
+def test_a_hard_limit_of_1024_under_a_flood_of_connections(
+    topology: Topology, count: int, request_bytes: bytes
+) -> None:
+    """Idle connections hold one descriptor each; WebSockets two (client and origin)."""
     daemon = start(topology, 1024, 1024)
     pid = daemon.pid
     assert nofile_limits(pid) == (1024, 1024)
@@ -175,17 +209,15 @@ def test_a_hard_limit_of_1024_and_1100_idle_connections(topology: Topology) -> N
 
     sockets: list[socket.socket] = []
     try:
-        sockets = open_idle_connections(topology.gateway_ns, FLOOD_CONNECTIONS)
+        sockets = open_connections(topology.gateway_ns, count, request_bytes)
         peak_fds = 0
         deadline = time.monotonic() + HOLD_SECONDS
         while time.monotonic() < deadline:
             assert daemon.poll() is None, (
                 f"tunneld exited with {daemon.returncode}:\n{topology.daemon_log()[-3000:]}"
             )
-            with_fds = open_fds(pid)
-            peak_fds = max(peak_fds, with_fds)
+            peak_fds = max(peak_fds, open_fds(pid))
             time.sleep(0.25)
-        assert daemon.poll() is None, f"tunneld exited:\n{topology.daemon_log()[-3000:]}"
         assert interface_exists(topology), "the WireGuard interface is gone"
         # The supervisor kept ticking under the flood: its probe counter went on.
         ticks_during = probes_total(topology)
@@ -201,7 +233,8 @@ def test_a_hard_limit_of_1024_and_1100_idle_connections(topology: Topology) -> N
             sock.close()
     print(
         f"\nfds of the daemon: idle {idle_fds}, peak during the flood {peak_fds}"
-        f"\n{FLOOD_CONNECTIONS} idle connections after {HOLD_SECONDS:g}s: {dict(outcomes)}"
+        f"\n{count} connections ({'WebSocket' if request_bytes else 'idle'}) after "
+        f"{HOLD_SECONDS:g}s: {dict(outcomes)}"
     )
     # Once they are gone, the gateway is served again.
     wait_for("a 200 through the tunnel after the flood", lambda: serves(topology.gateway_ns), 20)
