@@ -154,6 +154,9 @@ class Tunnel:
         self.repairs = 0  # how many times it had to be rebuilt
         self.last_tick = 0.0  # trio time the supervisor loop last completed (watchdog progress)
         self._tick_failures = fdlimit.ExhaustionLog("the health tick")
+        #: A skipped tick may have stopped between two steps of a recovery (a peer removed to
+        #: be added again): the next tick applies the whole device config first.
+        self._reapply_device = False
         self.backend_name = ""
         self._generation_changed = trio.Event()
         self._device: Device | None = None  # while the supervisor runs one
@@ -366,6 +369,7 @@ class Tunnel:
             if (exhausted := fdlimit.exhaustion(exc)) is None:
                 raise
             self._tick_failures.failed(exhausted, retry="trying again at the next interval")
+            self._reapply_device = True
             return
         self._tick_failures.succeeded()
         self.last_tick = trio.current_time()
@@ -379,6 +383,9 @@ class Tunnel:
 
     async def tick(self, device: Device) -> None:
         """One round: repair the link, observe every gateway, act on what the machines decide."""
+        if self._reapply_device:
+            await device.configure(self.device_config())
+            self._reapply_device = False
         await converge_link(self.ifname, self.link_plan())
         resolved = [
             runtime
