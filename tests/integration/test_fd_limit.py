@@ -11,8 +11,8 @@ higher hard limit (the daemon raises the soft one at start). From the gateway's 
 first test opens 1,100 idle connections (or 600 WebSockets) at once, holds them for several
 health intervals and checks that the daemon stays up, keeps its interface, keeps ticking (its
 probe counter goes on) and that the gateway stays up in ``/status``; then closes them and checks
-that a request gets 200 again. The figures — descriptors in use, how the connections were answered — are printed
-(run with ``-s``).
+that a request gets 200 again. The figures — descriptors in use, how the connections were
+answered — are printed (run with ``-s``).
 """
 
 from __future__ import annotations
