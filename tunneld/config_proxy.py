@@ -116,6 +116,7 @@ _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 # RFC 3986 path characters: unreserved, pct-encoded, sub-delims, ":", "@" — and "/".
 _URL_PATH_RE = re.compile(r"/[A-Za-z0-9\-._~%!$&'()*+,;=:@/]*")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
+_INTEGER_RE = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")  # as config_reader reads variables
 
 _HTTP_ONLY = ("hosts", "path_prefix", "host_rewrite", "response_timeout",
               "max_idle_upstream_connections", "require_header", "tls")  # fmt: skip
@@ -174,7 +175,7 @@ def _max_connections(table: Table) -> int | None:
     """``max_connections``: ``"auto"`` (also the default) is None, else an integer in range."""
     value = table.raw.get("max_connections")
     from_env = (*table.path, "max_connections") in table.ctx.env_origins
-    if isinstance(value, str) and (value.strip() == "auto" or not from_env):
+    if isinstance(value, str) and not (from_env and _INTEGER_RE.fullmatch(value.strip())):
         table.known.append("max_connections")
         if value.strip() != "auto":
             table.problem("max_connections", f'{quote(value)}: expected "auto" or an integer')

@@ -29,7 +29,13 @@ from tunneld.fdlimit import (
 )
 
 
-def make_config(tmp_path: Path, proxy: str = "", metrics: str = "", services: int = 1) -> Config:
+def make_config(
+    tmp_path: Path,
+    proxy: str = "",
+    metrics: str = "",
+    services: int = 1,
+    environ: dict[str, str] | None = None,
+) -> Config:
     service_tables = "".join(
         f'\n[[service]]\nname = "s{index}"\nhosts = ["s{index}"]\n'
         f'upstream = "http://127.0.0.1:{8080 + index}"\n'
@@ -58,7 +64,7 @@ def make_config(tmp_path: Path, proxy: str = "", metrics: str = "", services: in
         )
         + service_tables
     )
-    return load_config(path, {})
+    return load_config(path, environ or {})
 
 
 # -- the budget --------------------------------------------------------------------------------
@@ -109,6 +115,14 @@ def test_max_connections_is_auto_by_default_and_when_said(tmp_path: Path) -> Non
     assert make_config(tmp_path).proxy.max_connections is None
     assert make_config(tmp_path, 'max_connections = "auto"').proxy.max_connections is None
     assert make_config(tmp_path, "max_connections = 64").proxy.max_connections == 64
+
+
+def test_max_connections_from_the_environment(tmp_path: Path) -> None:
+    variable = "TUNNELD_PROXY_MAX_CONNECTIONS"
+    assert make_config(tmp_path, environ={variable: "auto"}).proxy.max_connections is None
+    assert make_config(tmp_path, environ={variable: "512"}).proxy.max_connections == 512
+    with pytest.raises(ConfigError, match=f'{variable}: "many": expected "auto" or an integer'):
+        make_config(tmp_path, environ={variable: "many"})
 
 
 def test_max_connections_refuses_other_words(tmp_path: Path) -> None:
