@@ -91,7 +91,9 @@ class ServiceConfig:
 @dataclass(frozen=True)
 class ProxyConfig:
     http_port: int = 80  # HTTP services share this port on the tunnel address(es)
-    max_connections: int = 1024  # concurrent client connections; HTTP excess gets 503
+    # Concurrent client connections; HTTP excess gets 503. None: "auto", derived from the open
+    # files limit at run time (tunneld.fdlimit), which also lowers a number too high for it.
+    max_connections: int | None = None
     max_request_head_bytes: int = 65536  # request line + headers; beyond → 431
     request_head_timeout_seconds: float = 10.0  # a slower client head → 408
     # Sources allowed to connect, narrowing the gateways' allowed_ips; empty = all of those.
@@ -115,6 +117,7 @@ _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 # RFC 3986 path characters: unreserved, pct-encoded, sub-delims, ":", "@" — and "/".
 _URL_PATH_RE = re.compile(r"/[A-Za-z0-9\-._~%!$&'()*+,;=:@/]*")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
+_INTEGER_RE = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")  # as config_reader reads variables
 
 _HTTP_ONLY = ("hosts", "path_prefix", "host_rewrite", "response_timeout",
               "max_idle_upstream_connections", "require_header", "tls")  # fmt: skip
@@ -149,9 +152,7 @@ def read_proxy(
     defaults = _PROXY_DEFAULTS
     proxy = ProxyConfig(
         http_port=table.integer("http_port", defaults.http_port, 1, 65535),
-        max_connections=table.integer(
-            "max_connections", defaults.max_connections, 1, MAX_CONNECTIONS
-        ),
+        max_connections=_max_connections(table),
         max_request_head_bytes=table.integer(
             "max_request_head_bytes",
             defaults.max_request_head_bytes,
@@ -169,6 +170,18 @@ def read_proxy(
     )
     table.done()
     return proxy
+
+
+def _max_connections(table: Table) -> int | None:
+    """``max_connections``: ``"auto"`` (also the default) is None, else an integer in range."""
+    value = table.raw.get("max_connections")
+    from_env = (*table.path, "max_connections") in table.ctx.env_origins
+    if isinstance(value, str) and not (from_env and _INTEGER_RE.fullmatch(value.strip())):
+        table.known.append("max_connections")
+        if value.strip() != "auto":
+            table.problem("max_connections", f'{quote(value)}: expected "auto" or an integer')
+        return None
+    return table.optional_integer("max_connections", 1, MAX_CONNECTIONS)
 
 
 def _allowed_sources(table: Table, gateway_networks: Sequence[IPNetwork]) -> tuple[IPNetwork, ...]:
@@ -511,7 +524,7 @@ def render_proxy(proxy: ProxyConfig) -> list[str]:
         "[proxy]",
         *toml_lines(
             http_port=proxy.http_port,
-            max_connections=proxy.max_connections,
+            max_connections="auto" if proxy.max_connections is None else proxy.max_connections,
             max_request_head_bytes=proxy.max_request_head_bytes,
             request_head_timeout=proxy.request_head_timeout_seconds,
             allowed_sources=proxy.allowed_sources or None,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import trio
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
-from tunneld import keys, systemd
+from tunneld import fdlimit, keys, systemd
 from tunneld.config import Config
 from tunneld.metrics import Metrics
 from tunneld.observe import ObservabilityApp, serve_observability
@@ -95,6 +95,7 @@ async def run(config: Config, load_config: Callable[[], Config]) -> None:
 
     ``load_config`` reads the config again on reload (SIGHUP).
     """
+    fdlimit.raise_open_files_limit()  # before anything opens a descriptor it counts on
     require_net_admin()
     with interface_lock(config.interface.name):
         await _run_locked(config, load_config)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import trio
 
+from tunneld import fdlimit
+
 log = logging.getLogger(__name__)
 
 # linux/rtnetlink.h: the legacy group bits, enough for links, addresses and routes.
@@ -24,6 +26,8 @@ RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_IFADDR = 0x100
 RTMGRP_IPV6_ROUTE = 0x400
+#: Out of descriptors, the next attempt at the socket comes this much later.
+EXHAUSTED_RETRY_SECONDS = 5.0
 GROUPS = (
     RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
 )
@@ -35,17 +39,39 @@ async def watch_network(
     """Call ``changed()`` after every batch of rtnetlink link/address/route notifications.
 
     Runs until cancelled. Without a netlink socket (a sandbox that forbids it) it logs once and
-    returns: the supervisor's regular ticks still notice everything, only later.
+    returns: the supervisor's regular ticks still notice everything, only later. Out of file
+    descriptors, it reports started all the same and tries again every
+    :data:`EXHAUSTED_RETRY_SECONDS` (logged, rate-limited).
     """
-    try:
-        sock = trio.socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        await sock.bind((0, GROUPS))
-    except OSError as exc:
-        log.warning("cannot watch network changes (%s); relying on the regular checks", exc)
-        task_status.started()
-        return
+    failures = fdlimit.ExhaustionLog("watching network changes")
+    started = False
+    while True:
+        try:
+            sock = trio.socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        except OSError as exc:
+            if exc.errno not in fdlimit.EXHAUSTION_ERRNOS:
+                log.warning("cannot watch network changes (%s); relying on the regular checks", exc)
+                if not started:
+                    task_status.started()
+                return
+            failures.failed(exc, retry=f"trying again in {EXHAUSTED_RETRY_SECONDS:g}s")
+            if not started:
+                task_status.started()
+                started = True
+            await trio.sleep(EXHAUSTED_RETRY_SECONDS)
+            continue
+        break
     with sock:
-        task_status.started()
+        try:
+            await sock.bind((0, GROUPS))
+        except OSError as exc:
+            log.warning("cannot watch network changes (%s); relying on the regular checks", exc)
+            if not started:
+                task_status.started()
+            return
+        failures.succeeded()
+        if not started:
+            task_status.started()
         while True:
             try:
                 await sock.recv(65536)

@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
@@ -45,6 +45,7 @@ from typing import Any
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from tunneld import fdlimit
 from tunneld.config_proxy import ServiceConfig, TLSOptions
 from tunneld.errors import TunneldError, UpstreamError
 from tunneld.host_port import HostPort
@@ -76,6 +77,8 @@ LINGER_SECONDS = 1.0
 #: All that a connection beyond ``max_connections`` gets: its 503 sent and the close.
 EXCESS_ANSWER_SECONDS = 1.0
 RECEIVE_BYTES = 4096
+#: Out of descriptors, accept is tried again this much later (as trio.serve_listeners does).
+ACCEPT_RETRY_SECONDS = 0.1
 PATHS = ("/metrics", "/livez", "/readyz", "/status")
 _NETWORK_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -86,7 +89,8 @@ class ServerLimits:
     max_head_bytes: int = 8192
     send_timeout_seconds: float = 10.0
     #: Generous: scrapers and probes are few, but a burst must not queue behind slow clients.
-    max_connections: int = 256
+    #: The proxy's connection budget keeps this many descriptors free for them.
+    max_connections: int = fdlimit.OBSERVABILITY_CONNECTIONS
 
 
 @dataclass(frozen=True)
@@ -295,7 +299,39 @@ async def serve_observability(
     log.info("metrics and health endpoint on http://%s", bound)
     limiter = trio.CapacityLimiter(limits.max_connections)
     task_status.started(bound)
-    await trio.serve_listeners(partial(_serve_connection, app, limits, limiter), listeners)
+    handler = partial(_serve_connection, app, limits, limiter)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, handler, nursery)
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
+    """``trio.serve_listeners``' loop, but out of descriptors it says so every few seconds
+    (trio's logs an error every 0.1 s) while it waits for some to be freed."""
+    failures = fdlimit.ExhaustionLog("accepting on the metrics and health endpoint")
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in fdlimit.EXHAUSTION_ERRNOS | {errno.ENOBUFS}:
+                    raise
+                failures.failed(exc, retry=f"retrying in {ACCEPT_RETRY_SECONDS:g}s")
+                await trio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            failures.succeeded()
+            nursery.start_soon(_closing, handler, stream)
+
+
+async def _closing(
+    handler: Callable[[trio.SocketStream], Awaitable[None]], stream: trio.SocketStream
+) -> None:
+    async with stream:
+        await handler(stream)
 
 
 async def _serve_connection(
@@ -304,7 +340,7 @@ async def _serve_connection(
     limiter: trio.CapacityLimiter,
     stream: trio.SocketStream,
 ) -> None:
-    """One request, one answer, close. ``trio.serve_listeners`` closes the stream after this."""
+    """One request, one answer, close. The accept loop closes the stream after this."""
     token = object()
     try:
         limiter.acquire_on_behalf_of_nowait(token)

@@ -20,6 +20,10 @@ own (and learns of ICMP errors through ``IP_RECVERR``). An ICMP error about our 
 
 TCP: a connect. A refusal (RST, or ICMP port unreachable) is a *success*: it proves the packet
 crossed the tunnel and the gateway answered. Only a timeout or an unreachable network fails.
+
+A probe that cannot get a socket because this process is out of descriptors (``EMFILE``, see
+:mod:`tunneld.fdlimit`) says nothing about the gateway: the ``OSError`` is raised as it is, not as
+a :class:`ProbeError`, and the supervisor skips that tick.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import trio
 
 from tunneld.config_health import HealthConfig
 from tunneld.errors import PermissionError_, TunneldError
+from tunneld.fdlimit import EXHAUSTION_ERRNOS
 from tunneld.wireguard.model import IPAddress
 
 IcmpSocketKind = Literal["datagram", "raw"]
@@ -195,8 +200,10 @@ def _icmp_socket(version: int) -> tuple[socket.socket, IcmpSocketKind]:
     )
     try:
         return socket.socket(family, socket.SOCK_DGRAM, protocol), "datagram"
-    except OSError:
-        pass  # EACCES: the group is outside ping_group_range; or no ping sockets in this kernel
+    except OSError as exc:
+        if exc.errno in EXHAUSTION_ERRNOS:
+            raise  # not the gateway's doing: the caller skips this round
+        # EACCES: the group is outside ping_group_range; or no ping sockets in this kernel
     try:
         return socket.socket(family, socket.SOCK_RAW, protocol), "raw"
     except PermissionError as exc:
@@ -207,6 +214,8 @@ def _icmp_socket(version: int) -> tuple[socket.socket, IcmpSocketKind]:
             ' or "none"'
         ) from exc
     except OSError as exc:
+        if exc.errno in EXHAUSTION_ERRNOS:
+            raise
         raise _probe_error(f"ICMPv{6 if version == 6 else 4} socket", exc) from None
 
 

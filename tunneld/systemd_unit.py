@@ -45,6 +45,13 @@ Restart=on-failure
 RestartSec=5s
 # Exit code 2 means "a person must fix the config, key or privileges": restarting cannot help.
 RestartPreventExitStatus=2
+# Open files, soft and hard limit alike. Each proxied connection may hold two (client and
+# origin), and tunneld keeps a reserve free for its control plane (netlink, UAPI, probes, the
+# metrics endpoint, idle origin pools): the default max_connections = "auto" is what is left,
+# halved. systemd's default soft limit of 1024 leaves about 300 connections; 65536 lets "auto"
+# reach its cap of 16384 with room to spare, or an explicit max_connections up to ~32,000.
+# (tunneld raises a lower soft limit to the hard one by itself; here there is nothing to raise.)
+LimitNOFILE=65536
 
 # An unprivileged, transient user; everything it owns lives in the directories below.
 DynamicUser=yes

@@ -18,7 +18,11 @@ Between ticks, a change of the host's links, addresses or routes (rtnetlink, see
 may be back, and the ladder's backoff must not keep the tunnel down for another minute.
 
 A lost device (interface deleted, userspace implementation dead) is rebuilt with backoff.
-Network trouble never ends the daemon; only errors a person must fix do (exit code 2).
+Network trouble never ends the daemon; only errors a person must fix do (exit code 2). Nor does
+running out of file descriptors (``EMFILE``, see :mod:`tunneld.fdlimit`): a tick that hits it is
+abandoned — no observation reaches the health machines, since the gateway is not at fault, and
+the interface is not rebuilt — logged (rate-limited) and tried again at the next interval. Such
+a tick is not progress: ``last_tick`` (the watchdog's and ``/livez``'s measure) stays put.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Protocol
 
 import trio
 
-from tunneld import keys
+from tunneld import fdlimit, keys
 from tunneld.backoff import Backoff
 from tunneld.config import Config, GatewayConfig, HostPort
 from tunneld.errors import TunneldError, principal_error
@@ -110,6 +114,8 @@ async def resolve(endpoint: HostPort) -> Endpoint:
             f"{endpoint}: no DNS answer within {RESOLVE_TIMEOUT_SECONDS:g}s"
         ) from None
     except OSError as exc:
+        if exc.errno in fdlimit.EXHAUSTION_ERRNOS:
+            raise  # not DNS's answer: the tick is skipped, the endpoint kept
         raise ResolveError(f"{endpoint}: {exc.strerror or exc}") from None
     for family, _type, _proto, _name, sockaddr in answers:
         if family in (socket.AF_INET, socket.AF_INET6):
@@ -155,6 +161,10 @@ class Tunnel:
         self.generation = 0  # how many times the interface has been built
         self.repairs = 0  # how many times it had to be rebuilt
         self.last_tick = 0.0  # trio time the supervisor loop last completed (watchdog progress)
+        self._tick_failures = fdlimit.ExhaustionLog("the health tick")
+        #: A skipped tick may have stopped between two steps of a recovery (a peer removed to
+        #: be added again): the next tick applies the whole device config first.
+        self._reapply_device = False
         self.backend_name = ""
         self._generation_changed = trio.Event()
         self._device: Device | None = None  # while the supervisor runs one
@@ -363,12 +373,13 @@ class Tunnel:
                         self._device, self.last_stats = None, None
             except Exception as exc:
                 error = principal_error(exc)
-                if error is None or error.exit_code == 2:
+                # Out of descriptors is nobody's fault to fix: tried again, as for a loss.
+                exhausted = fdlimit.exhaustion(exc)
+                if exhausted is None and (error is None or error.exit_code == 2):
                     raise
                 delay = backoff.next_delay()
-                log.warning(
-                    "interface %s lost (%s); rebuilding in %.1fs", self.ifname, error, delay
-                )
+                log.warning("interface %s lost (%s); rebuilding in %.1fs",
+                            self.ifname, exhausted or error, delay)  # fmt: skip
                 self.repairs += 1
                 await trio.sleep(delay)
 
@@ -401,7 +412,7 @@ class Tunnel:
             due = trio.current_time() + self.config.health.interval_seconds
             while True:
                 interval = self.config.health.interval_seconds  # a reload may change it
-                self.last_tick = now = trio.current_time()
+                now = trio.current_time()
                 if due <= now:  # the tick that just ended overran a whole interval: no burst
                     due = now
                 wakeups = [
@@ -419,7 +430,20 @@ class Tunnel:
                 if trio.current_time() >= due:
                     due += interval
                 async with self._device_lock:
-                    await self.tick(device)
+                    await self._tick_or_skip(device)
+
+    async def _tick_or_skip(self, device: Device) -> None:
+        """One tick; one that ran out of file descriptors is logged and skipped, not fatal."""
+        try:
+            await self.tick(device)
+        except Exception as exc:
+            if (exhausted := fdlimit.exhaustion(exc)) is None:
+                raise
+            self._tick_failures.failed(exhausted, retry="trying again at the next interval")
+            self._reapply_device = True
+            return
+        self._tick_failures.succeeded()
+        self.last_tick = trio.current_time()
 
     def _network_changed(self) -> None:
         now = trio.current_time()
@@ -430,6 +454,9 @@ class Tunnel:
 
     async def tick(self, device: Device) -> None:
         """One round: repair the link, observe every gateway, act on what the machines decide."""
+        if self._reapply_device:
+            await device.configure(self.device_config())
+            self._reapply_device = False
         await converge_link(self.ifname, self.link_plan())
         await self._repair_filter()
         resolved = [

@@ -10,7 +10,7 @@ import logging
 import re
 import threading
 from base64 import b64decode, b64encode
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from socket import AF_INET, AF_INET6, inet_pton
@@ -34,7 +34,7 @@ from tunneld.errors import (
     ConfigError,
     PermissionError_,
 )
-from tunneld.wireguard import kernel
+from tunneld.wireguard import kernel, netlink_thread
 from tunneld.wireguard.kernel import (
     KernelDevice,
     PyrouteNetlink,
@@ -494,15 +494,12 @@ class StubHandle:
     error: BaseException | None = None
     replies: list[Any]
 
-    def __init__(self) -> None:
+    def __init__(self, **_options: Any) -> None:
         type(self).instances.append(self)
         self.calls: list[tuple[Any, ...]] = []
         self.closed = False
 
-    def __enter__(self) -> StubHandle:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
+    def close(self) -> None:
         self.closed = True
 
     def _answer(self, *call: Any) -> Any:
@@ -528,16 +525,18 @@ def stub_class(error: BaseException | None = None, replies: list[Any] | None = N
 
 
 @pytest.fixture
-def stub_pyroute2(monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[type, type]]:
+def stub_pyroute2(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[type, type]]]:
     def install(
         error: BaseException | None = None, replies: list[Any] | None = None
     ) -> tuple[type, type]:
         iproute, wireguard = stub_class(error, replies), stub_class(error, replies)
-        monkeypatch.setattr(kernel, "IPRoute", iproute)
-        monkeypatch.setattr(kernel, "WireGuard", wireguard)
+        monkeypatch.setattr(netlink_thread, "IPRoute", iproute)
+        monkeypatch.setattr(netlink_thread, "WireGuard", wireguard)
+        netlink_thread.discard_handles()  # the handles this (test) thread kept: stubs from now
         return iproute, wireguard
 
-    return install
+    yield install
+    netlink_thread.discard_handles()
 
 
 def test_link_add_without_module_is_backend_unavailable(stub_pyroute2: Any) -> None:
@@ -551,7 +550,7 @@ def test_link_add_without_module_is_backend_unavailable(stub_pyroute2: Any) -> N
     assert isinstance(caught.value.__cause__, NetlinkError)
     (handle,) = iproute.instances
     assert handle.calls == [("link", "add", {"ifname": IFNAME, "kind": "wireguard"})]
-    assert handle.closed
+    assert not handle.closed  # the kernel's refusal leaves the long-lived handle usable
 
 
 @pytest.mark.parametrize("code", [errno.EPERM, errno.EACCES])
@@ -649,11 +648,9 @@ def test_link_kind_reads_the_kind_from_a_real_ifinfmsg(stub_pyroute2: Any) -> No
     netlink = PyrouteNetlink()
     assert netlink.link_kind(IFNAME) == "wireguard"
     assert netlink.link_kind("lo") == kernel.NO_KIND
-    assert [handle.calls for handle in iproute.instances] == [
-        [("link", "get", {"ifname": IFNAME})],
-        [("link", "get", {"ifname": "lo"})],
-    ]
-    assert all(handle.closed for handle in iproute.instances)  # one fresh handle per call
+    (handle,) = iproute.instances  # one long-lived handle for every call
+    assert handle.calls == [("link", "get", {"ifname": IFNAME}), ("link", "get", {"ifname": "lo"})]
+    assert not handle.closed
 
 
 def test_link_delete_reports_success(stub_pyroute2: Any) -> None:
@@ -667,7 +664,8 @@ def test_set_device_arguments(stub_pyroute2: Any) -> None:
     netlink = PyrouteNetlink()
     netlink.wg_set_device(IFNAME, private_key=PRIVATE, listen_port=None, fwmark=0)
     netlink.wg_set_device(IFNAME, private_key=PRIVATE, listen_port=51820, fwmark=7)
-    first, second = (handle.calls[0] for handle in wireguard.instances)
+    (handle,) = wireguard.instances
+    first, second = handle.calls
     private_b64 = b64encode(PRIVATE).decode()
     # listen_port=None is passed through as None: pyroute2 then leaves the port alone.
     assert first == ("set", IFNAME, {"private_key": private_b64, "listen_port": None, "fwmark": 0})
@@ -676,7 +674,7 @@ def test_set_device_arguments(stub_pyroute2: Any) -> None:
         IFNAME,
         {"private_key": private_b64, "listen_port": 51820, "fwmark": 7},
     )
-    assert all(handle.closed for handle in wireguard.instances)
+    assert not handle.closed
 
 
 # --------------------------------------------------------------------------------------------
@@ -706,10 +704,12 @@ class EncodingWireGuard(StubHandle):
 
 
 @pytest.fixture
-def encoding_wireguard(monkeypatch: pytest.MonkeyPatch) -> type[EncodingWireGuard]:
+def encoding_wireguard(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[EncodingWireGuard]]:
     monkeypatch.setattr(EncodingWireGuard, "requests", [])
-    monkeypatch.setattr(kernel, "WireGuard", EncodingWireGuard)
-    return EncodingWireGuard
+    monkeypatch.setattr(netlink_thread, "WireGuard", EncodingWireGuard)
+    netlink_thread.discard_handles()
+    yield EncodingWireGuard
+    netlink_thread.discard_handles()
 
 
 def key_of(attr: Any) -> bytes:
@@ -843,7 +843,7 @@ def test_info_parses_a_real_dump_message(stub_pyroute2: Any) -> None:
     _, wireguard = stub_pyroute2(replies=[reply])
     stats = PyrouteNetlink().wg_info(IFNAME)
     assert wireguard.instances[0].calls == [("info", IFNAME)]
-    assert wireguard.instances[0].closed
+    assert not wireguard.instances[0].closed
     assert (stats.public_key, stats.listen_port, stats.fwmark) == (OTHER, 51820, 0x1337)
     gateway = stats.peer(GATEWAY)
     assert gateway == PeerStats(
@@ -905,7 +905,8 @@ def test_info_reads_again_when_the_dump_was_interrupted(stub_pyroute2: Any) -> N
     _, wireguard = stub_pyroute2(replies=[interrupted, clean])
     stats = PyrouteNetlink().wg_info(IFNAME)
     assert [peer.public_key for peer in stats.peers] == [GATEWAY]
-    assert len(wireguard.instances) == 2
+    (handle,) = wireguard.instances  # the same long-lived handle, asked twice
+    assert handle.calls == [("info", IFNAME), ("info", IFNAME)]
 
 
 def test_info_gives_up_when_the_dump_keeps_being_interrupted(stub_pyroute2: Any) -> None:

@@ -7,6 +7,7 @@ mocked, so the sockets, the parser and the deadlines are the ones the daemon run
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import socket
@@ -20,13 +21,14 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import IN_CI
 from tests.unit.test_metrics import HANDSHAKE_AT, DaemonParts, daemon_config
-from tunneld import __version__
+from tunneld import __version__, observe
 from tunneld.errors import TunneldError
 from tunneld.host_port import HostPort
 from tunneld.metrics import Metrics, config_hash
@@ -624,3 +626,44 @@ async def test_status_handshake_age_is_wall_clock(parts: DaemonParts) -> None:
     report = json.loads((await make_app(parts).status()).body)
     edge_1 = next(peer for peer in report["peers"] if peer["name"] == "edge-1")
     assert edge_1["handshake_age_seconds"] == pytest.approx(time.time() - HANDSHAKE_AT, abs=60)
+
+
+async def test_the_accept_loop_outlives_running_out_of_descriptors(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of descriptors, accept fails again and again: said every 10 s, never fatal, and
+    the connection that finally comes is served."""
+    served: list[object] = []
+
+    class ExhaustedListener(trio.abc.Listener[trio.SocketStream]):
+        failures = 300  # 30 s at the retry interval
+
+        async def accept(self) -> trio.SocketStream:
+            await trio.lowlevel.checkpoint()
+            if self.failures:
+                self.failures -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            if served:
+                await trio.sleep_forever()
+            return FakeStream()  # type: ignore[return-value]
+
+        async def aclose(self) -> None:
+            pass
+
+    class FakeStream(trio.abc.AsyncResource):
+        async def aclose(self) -> None:
+            pass
+
+    async def handler(stream: trio.SocketStream) -> None:
+        served.append(stream)
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(observe._accept_loop, ExhaustedListener(), handler, nursery)
+            while not served:
+                await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+    said = [r.getMessage() for r in caplog.records if "accepting on the metrics" in r.getMessage()]
+    assert 3 <= len(said) <= 5, said
+    assert said[0].startswith("accepting on the metrics and health endpoint failed: EMFILE")
+    assert said[-1].endswith("works again after 300 failure(s) for lack of descriptors")

@@ -258,6 +258,27 @@ def test_probe_errors_are_tunneld_errors() -> None:
     assert (error.kind, error.exit_code) == ("timeout", 1)
 
 
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE])
+async def test_out_of_descriptors_is_not_the_gateways_failure(
+    monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """No socket for the probe says nothing about the gateway: the OSError comes out as it
+    is (the supervisor skips the tick), never as a ProbeError that would count against it."""
+
+    def exhausted(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(socket, "socket", exhausted)
+    monkeypatch.setattr(trio.socket, "socket", exhausted)
+    with trio.fail_after(5):
+        with pytest.raises(OSError) as caught:
+            await icmp_probe("127.0.0.1", ifname=None, timeout_seconds=1)
+        assert not isinstance(caught.value, ProbeError) and caught.value.errno == code
+        with pytest.raises(OSError) as caught:
+            await tcp_probe("127.0.0.1", 9, ifname=None, timeout_seconds=1)
+        assert not isinstance(caught.value, ProbeError) and caught.value.errno == code
+
+
 # --- a namespace pair (root) ----------------------------------------------------------------
 
 _CLONE_NEWNET = 0x40000000

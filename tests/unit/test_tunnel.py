@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import ipaddress
 import socket
 import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ import trio.testing
 
 from tunneld import keys, tunnel
 from tunneld.config import Config, HostPort, load_config
-from tunneld.errors import KeyFileError
+from tunneld.errors import BackendError, KeyFileError
 from tunneld.tunnel import ResolveError, Tunnel, TunnelKeys, load_tunnel_keys
 from tunneld.wireguard.model import DeviceConfig, DeviceStats, Endpoint, PeerStats
 
@@ -200,3 +204,91 @@ def test_systemd_credential_is_read_never_created(tmp_path: Path) -> None:
     (credentials / "tunneld.key").write_text(keys.encode_key(private) + "\n")
     (credentials / "tunneld.key").chmod(0o400)
     assert load_tunnel_keys(config, create_missing=True).private_key == private
+
+
+# -- out of file descriptors: the tick is skipped, never fatal ---------------------------------
+
+
+def _emfile() -> OSError:
+    return OSError(errno.EMFILE, "Too many open files")
+
+
+def _exhausted_link() -> BaseException:
+    return _emfile()  # what pyroute2 raised when it could not make its event loop
+
+
+def _exhausted_uapi() -> BaseException:
+    error = BackendError("cannot talk to userspace WireGuard: Too many open files")
+    error.__cause__ = _emfile()
+    return error
+
+
+def _exhausted_probe() -> BaseException:
+    return ExceptionGroup("from a probe's nursery", [_emfile()])
+
+
+@pytest.mark.parametrize("make_error", [_exhausted_link, _exhausted_uapi, _exhausted_probe])
+async def test_a_tick_out_of_descriptors_is_skipped_and_retried(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    make_error: Callable[[], BaseException],
+) -> None:
+    exhausted = False
+    builds = 0
+
+    async def link(ifname: str, plan: object) -> None:
+        if exhausted:
+            raise make_error()
+
+    async def fake_resolve(endpoint: HostPort) -> Endpoint:
+        return Endpoint(ipaddress.ip_address("198.18.0.1"), endpoint.port)
+
+    device = FakeDevice()
+    device.handshake = time.time()
+
+    @contextlib.asynccontextmanager
+    async def fake_open_device(*args: object) -> AsyncIterator[FakeDevice]:
+        nonlocal builds
+        builds += 1
+        yield device
+
+    async def no_watch(changed: object, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+
+    monkeypatch.setattr(tunnel, "converge_link", link)
+    monkeypatch.setattr(tunnel, "resolve", fake_resolve)
+    monkeypatch.setattr(tunnel, "open_device", fake_open_device)
+    monkeypatch.setattr(tunnel, "watch_network", no_watch)
+    config = make_config(tmp_path, extra_sections='[health]\nprobe = "none"\ninterval = 1\n')
+    t = Tunnel(config, TunnelKeys(keys.generate_private_key()))
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(t.run)
+            await trio.sleep(5.5)
+            runtime = t.gateways["edge-1"]
+            assert runtime.health.is_up
+            observed = runtime.health.counters.probes + len(runtime.health.counters.transitions)
+            exhausted = True
+            stalled_at = t.last_tick
+            await trio.sleep(30)
+            # No progress claimed (the watchdog's measure), no rebuild, no verdict on the gateway.
+            assert t.last_tick == stalled_at
+            assert builds == 1
+            assert runtime.health.is_up
+            assert runtime.health.counters.probes + len(runtime.health.counters.transitions) == (
+                observed
+            )
+            applied = len(device.applied)
+            exhausted = False
+            await trio.sleep(1.5)
+            assert t.last_tick > stalled_at
+            # A skipped tick may have stopped mid-recovery: the next one applies the device.
+            assert len(device.applied) == applied + 1 and device.applied[-1].peers
+            nursery.cancel_scope.cancel()
+    reports = [r for r in caplog.records if "the health tick failed" in r.getMessage()]
+    # Thirty skipped ticks in 30 s, said at most every 10 s.
+    assert 2 <= len(reports) <= 4, [r.getMessage() for r in reports]
+    assert "EMFILE" in reports[0].getMessage()
+    assert any("works again after 30 failure(s)" in r.getMessage() for r in caplog.records)

@@ -3,7 +3,10 @@
 HTTP services share ``proxy.http_port``; each TCP service has its own ``listen_port``. Every
 listener binds the tunnel addresses *and* the WireGuard device, and accepts only sources inside
 the gateways' allowed IPs (or the narrower ``proxy.allowed_sources``). One capacity limiter caps
-client connections across all listeners.
+client connections across all listeners, at ``proxy.max_connections`` as the open files limit
+allows it (:mod:`tunneld.fdlimit`); beyond it, at most ``EXCESS_ANSWERS`` connections at a time
+are answered 503, and the rest are closed at once, so a flood cannot hold more descriptors than
+the budget reserved for it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Protocol
 
 import trio
 
-from tunneld import keys
+from tunneld import fdlimit, keys
 from tunneld.config import Config
 from tunneld.config_proxy import ServiceConfig
 from tunneld.proxy.delivery import wait_until_delivered
@@ -97,7 +100,9 @@ class Proxy:
     ) -> None:
         self.config = config
         self.http = HttpProxy(config.services, config.proxy, secrets=secrets, observer=observer)
-        self.limiter = trio.CapacityLimiter(config.proxy.max_connections)
+        self.budget = _budget(config)
+        self.limiter = trio.CapacityLimiter(self.budget.max_connections)
+        self._excess_answers = 0  # 503 answers being sent
         self._tcp_services = _tcp_services(config)
         self.tcp_active: collections.Counter[str] = collections.Counter()  # open relays
         #: Shared by every listener, so a reload changes whom they accept without rebinding.
@@ -126,7 +131,9 @@ class Proxy:
         async with self._listeners_lock:
             self.http.reconfigure(config.services, config.proxy, secrets=secrets)
             self.config, self._tcp_services = config, _tcp_services(config)
-            self.limiter.total_tokens = config.proxy.max_connections
+            if (budget := _budget(config)) != self.budget:
+                self.budget = budget
+                self.limiter.total_tokens = budget.max_connections
             self._sources.networks = allowed_sources(config)
             wanted = listener_groups(config)
             for group in [group for group in self._open if group not in wanted]:
@@ -214,7 +221,7 @@ class Proxy:
         )
         if group.service is None:
             handler: Handler = self.http.handle
-            on_excess: Handler | None = self.http.reject_overloaded
+            on_excess: Handler | None = self._answer_excess
         else:
             handler, on_excess = self._tcp_handler(self._tcp_services[group.service]), None
         self._open[group] = listeners
@@ -243,6 +250,17 @@ class Proxy:
 
         return handle
 
+    async def _answer_excess(self, stream: trio.abc.Stream) -> None:
+        """503 to a connection over the limit, while few are being answered; else nothing (the
+        accept loop closes it at once): each answer holds a descriptor for a moment."""
+        if self._excess_answers >= fdlimit.EXCESS_ANSWERS:
+            return
+        self._excess_answers += 1
+        try:
+            await self.http.reject_overloaded(stream)
+        finally:
+            self._excess_answers -= 1
+
     async def _sweep_pools(self) -> None:
         while True:
             await trio.sleep(POOL_SWEEP_INTERVAL_SECONDS)
@@ -250,6 +268,14 @@ class Proxy:
 
 
 Handler = Callable[..., Awaitable[None]]
+
+
+def _budget(config: Config) -> fdlimit.ConnectionBudget:
+    """The connection limit for ``config`` under the open files limit, logged."""
+    budget = fdlimit.budget_for(config)
+    level = logging.WARNING if budget.clamped or budget.max_connections < 64 else logging.INFO
+    log.log(level, "%s", budget.describe())
+    return budget
 
 
 def _tcp_services(config: Config) -> dict[str, ServiceConfig]:

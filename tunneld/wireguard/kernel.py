@@ -5,10 +5,11 @@ How this works
 Everything that talks to the kernel goes through :class:`Netlink`, a narrow synchronous seam of
 seven operations; :class:`PyrouteNetlink` implements it with pyroute2 and is the only code here
 that touches pyroute2 (untyped, so ``Any`` stays inside that class). pyroute2's core runs its own
-asyncio loop, so every seam call runs in a worker thread (``trio.to_thread.run_sync``) and opens a
-fresh ``IPRoute``/``WireGuard`` handle that it closes before returning; nothing is shared between
-threads. A started call is not abandoned on cancellation (each is one short netlink request), so a
-cancelled :meth:`KernelDevice.configure` stops between steps and the next one converges from there.
+asyncio loop bound to the thread that made the handle, so every seam call runs in the one netlink
+thread on its long-lived ``IPRoute``/``WireGuard`` handles (:mod:`tunneld.wireguard.netlink_thread`:
+reading the device's stats at every health tick opens no descriptor). A started call is not
+abandoned on cancellation (each is one short netlink request), so a cancelled
+:meth:`KernelDevice.configure` stops between steps and the next one converges from there.
 
 :meth:`KernelDevice.configure` converges the device on a :class:`DeviceConfig` instead of
 replacing it: the kernel's ``WGDEVICE_F_REPLACE_PEERS`` flag would do that in one message, but
@@ -45,7 +46,7 @@ from functools import partial
 from typing import Any, Protocol
 
 import trio
-from pyroute2 import IPRoute, NetlinkError, WireGuard
+from pyroute2 import NetlinkError
 from pyroute2.netlink import NLM_F_DUMP_INTR
 
 from tunneld.errors import (
@@ -55,6 +56,7 @@ from tunneld.errors import (
     PermissionError_,
     TunneldError,
 )
+from tunneld.wireguard import netlink_thread
 from tunneld.wireguard.model import (
     KEY_LEN,
     DeviceConfig,
@@ -78,7 +80,7 @@ _ZERO_KEY = bytes(KEY_LEN)
 
 
 class Netlink(Protocol):
-    """The synchronous kernel operations the backend needs (called from worker threads).
+    """The synchronous kernel operations the backend needs (called in the netlink thread).
 
     Implementations raise only :class:`~tunneld.errors.TunneldError` subclasses:
     :class:`PermissionError_` for a missing privilege, :class:`BackendUnavailableError` when the
@@ -124,7 +126,8 @@ def _errno_text(code: int, detail: str) -> str:
 
 
 class PyrouteNetlink:
-    """:class:`Netlink` through pyroute2, one fresh handle per call. Blocks: use a thread."""
+    """:class:`Netlink` through pyroute2's long-lived handles of the calling thread. Blocks: call
+    it through :func:`tunneld.wireguard.netlink_thread.run_sync`."""
 
     #: Reads of a device dump before giving up when the kernel keeps flagging it as interrupted.
     DUMP_ATTEMPTS = 3
@@ -138,8 +141,7 @@ class PyrouteNetlink:
     def link_kind(self, ifname: str) -> str | None:
         with self._translated(f"looking up interface {ifname}"):
             try:
-                with IPRoute() as ipr:
-                    links = ipr.link("get", ifname=ifname)
+                links = netlink_thread.iproute().link("get", ifname=ifname)
             except NetlinkError as exc:
                 if exc.code == errno.ENODEV:
                     return None
@@ -152,8 +154,7 @@ class PyrouteNetlink:
     def link_add_wireguard(self, ifname: str) -> None:
         operation = f"creating WireGuard interface {ifname}"
         try:
-            with IPRoute() as ipr:
-                ipr.link("add", ifname=ifname, kind=WIREGUARD_KIND)
+            netlink_thread.iproute().link("add", ifname=ifname, kind=WIREGUARD_KIND)
         except NetlinkError as exc:
             if exc.code == errno.EOPNOTSUPP:
                 raise BackendUnavailableError(
@@ -166,8 +167,7 @@ class PyrouteNetlink:
     def link_delete(self, ifname: str) -> bool:
         with self._translated(f"deleting interface {ifname}"):
             try:
-                with IPRoute() as ipr:
-                    ipr.link("del", ifname=ifname)
+                netlink_thread.iproute().link("del", ifname=ifname)
             except NetlinkError as exc:
                 if exc.code == errno.ENODEV:
                     return False
@@ -179,11 +179,8 @@ class PyrouteNetlink:
     def wg_set_device(
         self, ifname: str, *, private_key: bytes, listen_port: int | None, fwmark: int
     ) -> None:
-        with (
-            self._translated(f"setting WireGuard device {ifname}", wireguard=ifname),
-            WireGuard() as wg,
-        ):
-            wg.set(
+        with self._translated(f"setting WireGuard device {ifname}", wireguard=ifname):
+            netlink_thread.wireguard().set(
                 ifname,
                 private_key=_b64(private_key),
                 listen_port=listen_port,
@@ -204,10 +201,8 @@ class PyrouteNetlink:
         if peer.endpoint is not None:
             spec["endpoint_addr"] = str(peer.endpoint.address)
             spec["endpoint_port"] = peer.endpoint.port
-        with (
-            self._translated(f"setting a peer of WireGuard device {ifname}", wireguard=ifname),
-            WireGuard() as wg,
-        ):
+        with self._translated(f"setting a peer of WireGuard device {ifname}", wireguard=ifname):
+            wg = netlink_thread.wireguard()
             wg.set(ifname, peer=spec)
             # The rest in further messages: without replace_allowed_ips the kernel appends.
             for start in range(chunk, len(allowed_ips), chunk):
@@ -219,17 +214,14 @@ class PyrouteNetlink:
 
     def wg_remove_peer(self, ifname: str, public_key: bytes) -> None:
         spec = {"public_key": _b64(public_key), "remove": True}
-        with (
-            self._translated(f"removing a peer from WireGuard device {ifname}", wireguard=ifname),
-            WireGuard() as wg,
-        ):
-            wg.set(ifname, peer=spec)
+        with self._translated(f"removing a peer from WireGuard device {ifname}", wireguard=ifname):
+            netlink_thread.wireguard().set(ifname, peer=spec)
 
     def wg_info(self, ifname: str) -> DeviceStats:
         operation = f"reading WireGuard device {ifname}"
         for _attempt in range(self.DUMP_ATTEMPTS):
-            with self._translated(operation, wireguard=ifname), WireGuard() as wg:
-                messages = tuple(wg.info(ifname))
+            with self._translated(operation, wireguard=ifname):
+                messages = tuple(netlink_thread.wireguard().info(ifname))
             if not any(msg["header"].get("flags", 0) & NLM_F_DUMP_INTR for msg in messages):
                 return self._parse_info(messages, operation)
         raise BackendError(
@@ -406,7 +398,7 @@ class KernelDevice:
         """Make the device's WireGuard state equal ``config`` (see the module docstring)."""
         netlink = self._netlink
         async with self._configure_lock:
-            await trio.to_thread.run_sync(
+            await netlink_thread.run_sync(
                 partial(
                     netlink.wg_set_device,
                     self.ifname,
@@ -416,12 +408,12 @@ class KernelDevice:
                 )
             )
             for peer in config.peers:
-                await trio.to_thread.run_sync(netlink.wg_set_peer, self.ifname, peer)
-            current = await trio.to_thread.run_sync(netlink.wg_info, self.ifname)
+                await netlink_thread.run_sync(netlink.wg_set_peer, self.ifname, peer)
+            current = await netlink_thread.run_sync(netlink.wg_info, self.ifname)
             wanted = {peer.public_key for peer in config.peers}
             stale = [peer.public_key for peer in current.peers if peer.public_key not in wanted]
             for public_key in stale:
-                await trio.to_thread.run_sync(netlink.wg_remove_peer, self.ifname, public_key)
+                await netlink_thread.run_sync(netlink.wg_remove_peer, self.ifname, public_key)
         log.debug(
             "configured WireGuard interface %s: %d peer(s) set, %d stale peer(s) removed",
             self.ifname,
@@ -431,7 +423,7 @@ class KernelDevice:
 
     async def stats(self) -> DeviceStats:
         """The device's current state as the kernel reports it."""
-        return await trio.to_thread.run_sync(self._netlink.wg_info, self.ifname)
+        return await netlink_thread.run_sync(self._netlink.wg_info, self.ifname)
 
     async def close(self) -> None:
         """Nothing to release: the interface outlives this object (:func:`delete_kernel_device`)."""
@@ -444,11 +436,11 @@ async def open_kernel_device(ifname: str, *, netlink: Netlink | None = None) -> 
     """
     check_ifname(ifname)
     netlink = netlink if netlink is not None else PyrouteNetlink()
-    kind = await trio.to_thread.run_sync(netlink.link_kind, ifname)
+    kind = await netlink_thread.run_sync(netlink.link_kind, ifname)
     if kind == WIREGUARD_KIND:
         log.info("adopting existing WireGuard interface %s", ifname)
     elif kind is None:
-        await trio.to_thread.run_sync(netlink.link_add_wireguard, ifname)
+        await netlink_thread.run_sync(netlink.link_add_wireguard, ifname)
         log.info("created WireGuard interface %s", ifname)
     elif kind == NO_KIND:
         raise BackendError(
@@ -470,7 +462,7 @@ async def delete_kernel_device(ifname: str, *, netlink: Netlink | None = None) -
     """
     check_ifname(ifname)
     netlink = netlink if netlink is not None else PyrouteNetlink()
-    kind = await trio.to_thread.run_sync(netlink.link_kind, ifname)
+    kind = await netlink_thread.run_sync(netlink.link_kind, ifname)
     if kind is None:
         return False
     if kind != WIREGUARD_KIND:
@@ -478,7 +470,7 @@ async def delete_kernel_device(ifname: str, *, netlink: Netlink | None = None) -
             f"interface {ifname} is a {kind or 'physical or loopback'} link, not WireGuard; "
             "not deleting it"
         )
-    deleted = await trio.to_thread.run_sync(netlink.link_delete, ifname)
+    deleted = await netlink_thread.run_sync(netlink.link_delete, ifname)
     if deleted:
         log.info("deleted WireGuard interface %s", ifname)
     return deleted
@@ -494,14 +486,14 @@ async def kernel_supported(netlink: Netlink | None = None) -> tuple[bool, str]:
     netlink = netlink if netlink is not None else PyrouteNetlink()
     probe = PROBE_PREFIX + secrets.token_hex(3)
     try:
-        await trio.to_thread.run_sync(netlink.link_add_wireguard, probe)
+        await netlink_thread.run_sync(netlink.link_add_wireguard, probe)
     except BackendUnavailableError as exc:
         return False, str(exc)
     try:
-        kind = await trio.to_thread.run_sync(netlink.link_kind, probe)
+        kind = await netlink_thread.run_sync(netlink.link_kind, probe)
         if kind != WIREGUARD_KIND:
             return False, f"the kernel made probe interface {probe} a {kind!r} link, not WireGuard"
-        await trio.to_thread.run_sync(netlink.wg_info, probe)
+        await netlink_thread.run_sync(netlink.wg_info, probe)
     except BackendUnavailableError as exc:
         return False, str(exc)
     finally:
@@ -513,7 +505,7 @@ async def _delete_probe(netlink: Netlink, probe: str) -> None:
     # Runs even when the probe was cancelled: shielded, but bounded.
     with trio.move_on_after(PROBE_CLEANUP_TIMEOUT_SECONDS, shield=True) as scope:
         try:
-            await trio.to_thread.run_sync(netlink.link_delete, probe)
+            await netlink_thread.run_sync(netlink.link_delete, probe)
         except TunneldError as exc:
             log.warning(
                 "could not delete probe interface %s (%s); ip link del %s", probe, exc, probe

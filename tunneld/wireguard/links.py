@@ -7,8 +7,9 @@ addresses not in config are removed, missing ones added, and routes are added fo
 peers' allowed IPs only — never a default route. Routes we add carry our own routing protocol
 number (:data:`ROUTE_PROTOCOL`) so that later we remove exactly what we created and nothing else.
 
-pyroute2's core runs its own asyncio loop, so every call here happens in a worker thread with a
-fresh ``IPRoute`` handle (``trio.to_thread.run_sync``); handles are never shared between threads.
+pyroute2's core runs its own asyncio loop bound to the thread that made the handle, so every call
+here runs in the one netlink thread on its long-lived ``IPRoute`` handle
+(:mod:`tunneld.wireguard.netlink_thread`): a health tick opens no descriptor.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import trio
-from pyroute2 import IPRoute, NetlinkError
+from pyroute2 import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from tunneld.errors import BackendError, PermissionError_
+from tunneld.wireguard import netlink_thread
 from tunneld.wireguard.model import IPNetwork
 
 log = logging.getLogger(__name__)
@@ -79,56 +80,56 @@ def _index(ipr: Any, ifname: str) -> int | None:
 
 
 def _link_kind(ifname: str) -> str | None:
-    with IPRoute() as ipr:
-        index = _index(ipr, ifname)
-        if index is None:
-            return None
-        link = ipr.get_links(index)[0]
-        kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-        return str(kind) if kind else "unknown"
+    ipr = netlink_thread.iproute()
+    index = _index(ipr, ifname)
+    if index is None:
+        return None
+    link = ipr.get_links(index)[0]
+    kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+    return str(kind) if kind else "unknown"
 
 
 async def link_kind(ifname: str) -> str | None:
     """The kind of link ``ifname`` ("wireguard", "tun", "veth", ...), or None if absent."""
     try:
-        return await trio.to_thread.run_sync(_link_kind, ifname)
+        return await netlink_thread.run_sync(_link_kind, ifname)
     except NetlinkError as exc:
         raise _translate(exc, f"looking up interface {ifname}") from exc
 
 
 def _delete_link(ifname: str) -> bool:
-    with IPRoute() as ipr:
-        index = _index(ipr, ifname)
-        if index is None:
+    ipr = netlink_thread.iproute()
+    index = _index(ipr, ifname)
+    if index is None:
+        return False
+    try:
+        ipr.link("del", index=index)
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:  # went away on its own meanwhile
             return False
-        try:
-            ipr.link("del", index=index)
-        except NetlinkError as exc:
-            if exc.code == errno.ENODEV:  # went away on its own meanwhile
-                return False
-            raise
-        return True
+        raise
+    return True
 
 
 async def delete_link(ifname: str) -> bool:
     """Delete ``ifname`` with everything on it; True if it existed."""
     try:
-        return await trio.to_thread.run_sync(_delete_link, ifname)
+        return await netlink_thread.run_sync(_delete_link, ifname)
     except NetlinkError as exc:
         raise _translate(exc, f"deleting interface {ifname}") from exc
 
 
 def _converge(ifname: str, plan: LinkPlan) -> None:
-    with IPRoute() as ipr:
-        index = _index(ipr, ifname)
-        if index is None:
-            raise BackendError(f"interface {ifname} vanished while being configured")
-        ipr.link("set", index=index, mtu=plan.mtu)
-        _converge_addresses(ipr, index, plan.addresses)
-        link = ipr.get_links(index)[0]
-        if not link["flags"] & _IFF_UP:
-            ipr.link("set", index=index, state="up")
-        _converge_routes(ipr, ifname, index, plan.routes)
+    ipr = netlink_thread.iproute()
+    index = _index(ipr, ifname)
+    if index is None:
+        raise BackendError(f"interface {ifname} vanished while being configured")
+    ipr.link("set", index=index, mtu=plan.mtu)
+    _converge_addresses(ipr, index, plan.addresses)
+    link = ipr.get_links(index)[0]
+    if not link["flags"] & _IFF_UP:
+        ipr.link("set", index=index, state="up")
+    _converge_routes(ipr, ifname, index, plan.routes)
 
 
 def _converge_addresses(ipr: Any, index: int, wanted: tuple[IPInterface, ...]) -> None:
@@ -191,6 +192,6 @@ def _converge_routes(ipr: Any, ifname: str, index: int, wanted: tuple[IPNetwork,
 async def converge_link(ifname: str, plan: LinkPlan) -> None:
     """Make ``ifname``'s MTU, addresses, state and routes match ``plan``."""
     try:
-        await trio.to_thread.run_sync(_converge, ifname, plan)
+        await netlink_thread.run_sync(_converge, ifname, plan)
     except NetlinkError as exc:
         raise _translate(exc, f"configuring interface {ifname}") from exc
