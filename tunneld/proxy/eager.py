@@ -165,8 +165,9 @@ class EagerSocketStream(trio.abc.HalfCloseableStream):
         pooled connection: the origin closed it, or sent what nobody asked for."""
         if self.socket.fileno() == -1:
             return False
-        readable, _, _ = select.select([self.socket], [], [], 0)
-        return bool(readable)
+        poller = select.poll()  # not select(): it fails for a descriptor above 1023
+        poller.register(self.socket, select.POLLIN)
+        return bool(poller.poll(0))
 
 
 async def _wait(wait: Callable[[socket.socket], Awaitable[None]], sock: socket.socket) -> None:

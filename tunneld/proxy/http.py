@@ -44,7 +44,7 @@ from tunneld.proxy.http1 import (
     printable,
 )
 from tunneld.proxy.paths import PathError
-from tunneld.proxy.pool import RECEIVE_BYTES, EventReader
+from tunneld.proxy.pool import RECEIVE_BYTES, RequestReader
 from tunneld.proxy.routes import Router
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class HttpProxy:
     async def handle(self, stream: trio.abc.Stream, client_address: str) -> None:
         """Serve one client connection, request after request, until it ends; never raises but
         ``Cancelled``."""
-        client = EventReader(stream, RequestParser(self._config.max_request_head_bytes))
+        client = RequestReader(stream, RequestParser(self._config.max_request_head_bytes))
         idle_timeout: float | None = None  # None before the first request: its head's timeout only
         try:
             while True:  # the keep-alive loop
@@ -194,12 +194,12 @@ class HttpProxy:
     # -- one client connection ---------------------------------------------------------------
 
     async def _next_request(
-        self, client: EventReader, idle_timeout: float | None, address: str
+        self, client: RequestReader, idle_timeout: float | None, address: str
     ) -> RequestHead | None:
         """The next request's head, or ``None`` when the connection is done with."""
         started_bytes = client.received_bytes
         try:
-            if idle_timeout is not None and not client.events and client.parser.idle:
+            if idle_timeout is not None and client.between_requests:
                 if self._draining:
                     return None
                 with trio.move_on_after(idle_timeout) as idle_wait:
@@ -235,7 +235,7 @@ class HttpProxy:
         await _linger(stream)
 
     async def _serve_request(
-        self, client: EventReader, head: RequestHead, address: str
+        self, client: RequestReader, head: RequestHead, address: str
     ) -> float | None:
         """Answer one request; returns how long the connection may then idle, or ``None`` when
         it is done with."""
@@ -322,7 +322,7 @@ class HttpProxy:
 
     async def _answer_error(
         self,
-        client: EventReader,
+        client: RequestReader,
         head: RequestHead,
         status: int,
         detail: str,

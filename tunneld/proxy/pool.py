@@ -20,11 +20,23 @@ import trio
 
 from tunneld.config_proxy import ServiceConfig
 from tunneld.proxy.eager import EagerSocketStream
-from tunneld.proxy.http1 import Event, RequestParser, ResponseParser
+from tunneld.proxy.http1 import (
+    Body,
+    EndOfMessage,
+    Event,
+    ProtocolError,
+    RequestHead,
+    RequestParser,
+    ResponseParser,
+)
 from tunneld.proxy.upstream import open_upstream
 
 #: Bytes asked of the kernel per receive: also the largest piece a body is relayed in.
 RECEIVE_BYTES = 65536
+#: What a client connection receives at once outside a body: at most this much lies unparsed.
+HEAD_RECEIVE_BYTES = 16384
+#: Outside a body, request bytes are parsed in pieces of this size, stopping once a request ends.
+PARSE_SLICE_BYTES = 1024
 
 
 class EventReader:
@@ -52,6 +64,103 @@ class EventReader:
         data = await self.stream.receive_some(RECEIVE_BYTES)
         self.received_bytes += len(data)
         self.events.extend(self.parser.feed(data) if data else self.parser.feed_eof())
+
+
+class RequestReader(EventReader):
+    """A client connection's requests, parsed at most one request ahead of the caller.
+
+    A client may pipeline as many requests as it likes; parsing them all at once would turn one
+    receive of tiny requests into thousands of events (objects far larger than their bytes),
+    held for as long as the client does not read the answers. Instead, what follows a complete
+    request stays unparsed (at most ``HEAD_RECEIVE_BYTES``: outside a body no more is received
+    at once) until the events before it are consumed. Outside a body, bytes go to the parser in
+    ``PARSE_SLICE_BYTES`` pieces; a body goes whole — exactly its remaining length when it has
+    one, and a chunked body up to each place where its last chunk could begin — so uploads keep
+    their one parse per receive.
+    """
+
+    __slots__ = ("_body_left", "_in_body", "_metadata", "unparsed")
+
+    parser: RequestParser
+
+    def __init__(self, stream: trio.abc.Stream, parser: RequestParser) -> None:
+        super().__init__(stream, parser)
+        #: Received bytes after a complete request, not parsed yet.
+        self.unparsed = b""
+        self._in_body = False
+        self._body_left = -1  # bytes of a body with Content-Length still to come; -1: chunked
+        self._metadata = False  # in a chunked body, the last piece parsed gave no data
+
+    @property
+    def between_requests(self) -> bool:
+        """Nothing of a next request has arrived: the connection is idle."""
+        return not self.events and not self.unparsed and self.parser.idle
+
+    async def receive(self) -> None:
+        """Parse more: what is unparsed, else one receive (raises a pending parse error first)."""
+        if self.parser.error is not None:
+            raise self.parser.error
+        data: bytes | bytearray = self.unparsed
+        if data:
+            self.unparsed = b""
+        else:
+            data = await self.stream.receive_some(
+                RECEIVE_BYTES if self._in_body else HEAD_RECEIVE_BYTES
+            )
+            self.received_bytes += len(data)
+            if not data:
+                self.events.extend(self.parser.feed_eof())
+                return
+        self._parse(data)
+
+    def _parse(self, data: bytes | bytearray) -> None:
+        feed = self.parser.feed
+        events = self.events
+        start, end = 0, len(data)
+        while start < end:
+            if not self._in_body:
+                stop = start + PARSE_SLICE_BYTES
+            elif self._body_left >= 0:
+                stop = start + (self._body_left or PARSE_SLICE_BYTES)
+            else:
+                stop = self._chunked_stop(data, start, end)
+            try:
+                new = feed(data if start == 0 and stop >= end else data[start:stop])
+            except ProtocolError as exc:
+                if not events:
+                    raise
+                self.parser.error = exc  # raised once the requests before it are answered
+                return
+            start = stop
+            complete = False
+            for event in new:  # usually one or two
+                if isinstance(event, Body):
+                    if self._body_left > 0:
+                        self._body_left -= len(event.data)
+                elif isinstance(event, EndOfMessage):
+                    self._in_body = False
+                    complete = True
+                elif isinstance(event, RequestHead):
+                    self._in_body = event.framing != "none"
+                    self._body_left = event.content_length or 0 if event.framing == "length" else -1
+                    if event.upgrade:
+                        # The parser stopped at the head: what follows is the new protocol's.
+                        self.parser.trailing_data += data[start:]
+                        start = end
+            self._metadata = self._in_body and self._body_left < 0 and not new
+            events.extend(new)
+            if self.parser.error is not None:
+                return  # nothing more will be parsed on this connection
+            if complete and start < end:
+                self.unparsed = bytes(data[start:])
+                return
+
+    def _chunked_stop(self, data: bytes | bytearray, start: int, end: int) -> int:
+        """Where to cut a chunked body so that its end, if here, lies in a small piece."""
+        if self._metadata or data[start] == 0x30:  # "0": maybe the last chunk
+            return start + PARSE_SLICE_BYTES
+        candidate = data.find(b"\n0", start, end)
+        return end if candidate < 0 else candidate + 1
 
 
 class UpstreamConnection(EventReader):
