@@ -179,7 +179,7 @@ def _max_connections(table: Table) -> int | None:
     if isinstance(value, str) and not (from_env and _INTEGER_RE.fullmatch(value.strip())):
         table.known.append("max_connections")
         if value.strip() != "auto":
-            table.problem("max_connections", f'{quote(value)}: expected "auto" or an integer')
+            table.problem("max_connections", f'{shown(value)}: expected "auto" or an integer')
         return None
     return table.optional_integer("max_connections", 1, MAX_CONNECTIONS)
 
