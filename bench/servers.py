@@ -174,6 +174,9 @@ def tunneld_config(
         private_key_file = "{key_file}"
         address = ["{HOST_TUNNEL}/24"]
         backend = "userspace"
+        # The references (direct, nginx, HAProxy) listen on the same tunnel address, which
+        # tunneld's filter would drop: this topology measures the proxies, not the filter.
+        firewall = false
 
         [[gateway]]
         name = "bench-gw"
