@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.conftest import missing_prerequisite
 from tunneld import fdlimit, keys
 from tunneld.config import Config, load_config
 from tunneld.config_reader import toml_lines
@@ -150,7 +151,7 @@ def restore_nofile() -> Iterator[tuple[int, int]]:
 def test_the_soft_limit_is_raised_to_the_hard_one(restore_nofile: tuple[int, int]) -> None:
     _soft, hard = restore_nofile
     if hard == resource.RLIM_INFINITY or hard < 512:
-        pytest.skip(f"needs a finite hard limit of at least 512, not {hard}")
+        missing_prerequisite(f"a finite hard limit of at least 512 open files, not {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
     assert fdlimit.raise_open_files_limit() == hard
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
@@ -164,7 +165,7 @@ def test_a_refused_raise_keeps_the_soft_limit_and_says_so(
 ) -> None:
     _soft, hard = restore_nofile
     if hard == resource.RLIM_INFINITY or hard < 512:
-        pytest.skip(f"needs a finite hard limit of at least 512, not {hard}")
+        missing_prerequisite(f"a finite hard limit of at least 512 open files, not {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
 
     def refuse(which: int, limits: tuple[int, int]) -> None:
