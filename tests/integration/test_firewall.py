@@ -119,26 +119,7 @@ def services(extra: str = "") -> str:
 
 def serve_in(topology: Topology, namespace: str, address: str, port: int, banner: str) -> None:
     """A greeting TCP server in ``namespace`` (stopped by the topology's close)."""
-    script = textwrap.dedent(
-        f"""
-        import socket
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(({address!r}, {port}))
-        s.listen()
-        print("listening", flush=True)
-        while True:
-            c, _ = s.accept()
-            c.sendall({banner!r}.encode())
-            c.close()
-        """
-    )
-    process = subprocess.Popen(
-        ["ip", "netns", "exec", namespace, sys.executable, "-c", script], stdout=subprocess.PIPE
-    )
-    topology.processes.append(process)
-    assert process.stdout is not None
-    assert process.stdout.readline().strip() == b"listening"
+    topology.start_host_listener(address, port, banner, namespace=namespace)
 
 
 @pytest.fixture

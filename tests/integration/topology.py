@@ -224,8 +224,11 @@ class Topology:
             "ip", "netns", "exec", self.gateway_ns, sys.executable, "-c", script, check=False
         )
 
-    def start_host_listener(self, address: str, port: int, banner: str) -> subprocess.Popen[bytes]:
-        """A TCP server in the host namespace that greets each client with ``banner``."""
+    def start_host_listener(
+        self, address: str, port: int, banner: str, *, namespace: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A TCP server in ``namespace`` (default: the host's) that greets each client with
+        ``banner``; stopped by :meth:`close`."""
         script = textwrap.dedent(
             f"""
             import socket
@@ -241,7 +244,7 @@ class Topology:
             """
         )
         process = subprocess.Popen(
-            ["ip", "netns", "exec", self.host_ns, sys.executable, "-c", script],
+            ["ip", "netns", "exec", namespace or self.host_ns, sys.executable, "-c", script],
             stdout=subprocess.PIPE,
         )
         self.processes.append(process)
